@@ -1,0 +1,119 @@
+"""Class- and task-incremental Avalanche streams over the datasets of :mod:`cl_hres.data`.
+
+Unlike ``class_incremental_benchmark(num_experiences=k)``, which silently drops the
+``C mod k`` leftover classes, every class is kept: the first ``C mod k`` experiences get
+one class more. The class order is a permutation fixed by the seed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cl_hres.data import SplitData, load_cifar100, load_digits_data, load_image_folder, load_npz
+from cl_hres.errors import ConfigError, DataError
+
+__all__ = ["BENCHMARKS", "BenchmarkSpec", "build_stream", "class_split", "load_benchmark_data"]
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """Defaults of a named benchmark (the published protocol where there is one)."""
+
+    experiences: int
+    image_size: int | None
+    description: str
+
+
+BENCHMARKS: dict[str, BenchmarkSpec] = {
+    "split-digits": BenchmarkSpec(5, 8, "scikit-learn digits, 5 experiences of 2 classes"),
+    "split-cifar100": BenchmarkSpec(10, 224, "CIFAR-100 (torchvision), 10 experiences of 10"),
+    "imagenet-r": BenchmarkSpec(10, 224, "ImageNet-R from --data-root, 10 experiences of 20"),
+}
+
+
+def load_benchmark_data(
+    name: str,
+    *,
+    data_root: str | Path = "data",
+    image_size: int | None = None,
+    validation: float = 0.0,
+    seed: int = 0,
+) -> SplitData:
+    """Loads a named benchmark, an ``.npz`` file or an ImageFolder directory.
+
+    Args:
+        name: ``split-digits``, ``split-cifar100``, ``imagenet-r``, or a path.
+        data_root: Where downloadable / local datasets live.
+        image_size: Resize images to this (folder and torchvision datasets).
+        validation: Fraction of the training split returned as ``test`` (for sweeps;
+            supported by split-digits and .npz data).
+        seed: Seed of the validation split.
+    """
+    spec = BENCHMARKS.get(name)
+    size = image_size or (spec.image_size if spec else None) or 224
+    if validation and name not in ("split-digits",) and not name.endswith(".npz"):
+        raise ConfigError("--validation is supported for split-digits and .npz data")
+    if name == "split-digits":
+        return load_digits_data(validation=validation, seed=seed)
+    if name == "split-cifar100":
+        return load_cifar100(data_root, image_size=size)
+    if name == "imagenet-r":
+        folder = Path(data_root) / "imagenet-r"
+        if not folder.is_dir():
+            raise DataError(
+                f"ImageNet-R not found at {folder}; download imagenet-r.tar from the ImageNet-R "
+                "authors' page, extract it there (imagenet-r/<class>/*.jpg) or pass --data-root"
+            )
+        return load_image_folder(folder, image_size=size, name="imagenet-r", seed=seed)
+    path = Path(name)
+    if path.suffix == ".npz":
+        return load_npz(path, validation=validation, seed=seed)
+    if path.is_dir():
+        return load_image_folder(path, image_size=size, seed=seed)
+    if path.exists():
+        raise DataError(f"{path}: expected a .npz file or an image folder")
+    close = difflib.get_close_matches(name, list(BENCHMARKS), n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise ConfigError(f"unknown benchmark {name!r} (not a name, .npz file or folder){hint}")
+
+
+def class_split(num_classes: int, experiences: int, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded class order and classes per experience that keep every class."""
+    if not 1 <= experiences <= num_classes:
+        raise ConfigError(f"cannot split {num_classes} classes into {experiences} experiences")
+    order = np.random.default_rng(seed).permutation(num_classes).tolist()
+    base, extra = divmod(num_classes, experiences)
+    return order, [base + (1 if i < extra else 0) for i in range(experiences)]
+
+
+def build_stream(data: SplitData, *, experiences: int, scenario: str = "class", seed: int = 0):
+    """An Avalanche benchmark with ``experiences`` experiences over all classes.
+
+    Args:
+        data: From :func:`load_benchmark_data`.
+        experiences: Number of experiences.
+        scenario: ``class`` (one task label, no task id at test) or ``task`` (task label
+            = experience index, one head per task).
+        seed: Fixes the class order.
+    """
+    from avalanche.benchmarks.scenarios.supervised import (
+        class_incremental_benchmark,
+        with_classes_timeline,
+    )
+    from avalanche.benchmarks.scenarios.task_aware import task_incremental_benchmark
+
+    if scenario not in ("class", "task"):
+        raise ConfigError(f"scenario must be class or task, got {scenario!r}")
+    order, per_exp = class_split(data.num_classes, experiences, seed)
+    bm = class_incremental_benchmark(
+        {"train": data.train, "test": data.test},
+        class_order=order,
+        num_classes_per_exp=per_exp,
+    )
+    if scenario == "task":
+        bm = with_classes_timeline(task_incremental_benchmark(bm, reset_task_labels=True))
+    return bm

@@ -1,0 +1,163 @@
+"""Banks of low-rank experts and the wrappers that put them beside timm modules.
+
+An :class:`ExpertBank` holds experts ``up_k · act(down_k · x)`` keyed by name in two
+``nn.ModuleDict`` s (as peft keeps ``lora_A``/``lora_B``). Only the newest expert can be
+trainable; all experts are evaluated as one fused computation: the ``down`` weights are
+concatenated into one ``(K·r) × d`` matrix and the ``up`` weights into one ``d × (K·r)``
+matrix, so K experts cost two matmuls, not a Python loop.
+
+Wrappers keep the wrapped layer as ``base_layer`` and compute ``base(x) + bank(x)``:
+:class:`ParallelBlock` around a timm ``Block`` (H-Res: the bank reads the block input) and
+:class:`LoRALinear` around an ``nn.Linear`` (LoRA: activation is the identity).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ExpertBank", "LoRALinear", "ParallelBlock"]
+
+
+class ExpertBank(nn.Module):
+    """Experts ``scale · Σ_k up_k(act(down_k(x)))`` with bias-free projections.
+
+    Args:
+        in_features: Width of the input ``x``.
+        out_features: Width of the output.
+        rank: Bottleneck width of each expert.
+        scale: Factor λ applied to the experts' sum.
+        activation: ``"gelu"`` (H-Res) or ``"identity"`` (LoRA).
+        num_prefix_tokens: Leading cls/register tokens in the token axis of ``x``; the
+            null-space projection treats them as a separate token group.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        rank: int,
+        scale: float,
+        activation: str = "gelu",
+        num_prefix_tokens: int = 0,
+    ) -> None:
+        super().__init__()
+        if activation not in ("gelu", "identity"):
+            raise ValueError(f"activation must be gelu or identity, got {activation!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.scale = scale
+        self.activation = activation
+        self.num_prefix_tokens = num_prefix_tokens
+        self.down = nn.ModuleDict()
+        self.up = nn.ModuleDict()
+
+    @property
+    def num_experts(self) -> int:
+        """How many experts the bank holds."""
+        return len(self.down)
+
+    def add_expert(self, device: torch.device | str | None = None) -> str:
+        """Freezes every existing expert and appends a new trainable one.
+
+        ``down`` gets nn.Linear's default (Kaiming-uniform) init and ``up`` is zero, so a
+        fresh expert adds exactly zero to the output.
+
+        Returns:
+            The new expert's name.
+        """
+        for module in (*self.down.values(), *self.up.values()):
+            module.requires_grad_(False)
+        name = f"expert{self.num_experts}"
+        down = nn.Linear(self.in_features, self.rank, bias=False, device=device)
+        up = nn.Linear(self.rank, self.out_features, bias=False, device=device)
+        nn.init.zeros_(up.weight)
+        self.down[name] = down
+        self.up[name] = up
+        return name
+
+    def trainable_down_weights(self) -> list[nn.Parameter]:
+        """The ``down`` weights that an optimizer may change (rows live in input space)."""
+        return [m.weight for m in self.down.values() if m.weight.requires_grad]
+
+    def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All experts' weights as one ``(K·r, in)`` and one ``(out, K·r)`` matrix."""
+        downs = [m.weight for m in self.down.values()]
+        ups = [m.weight for m in self.up.values()]
+        if len(downs) == 1:
+            return downs[0], ups[0]
+        return torch.cat(downs, dim=0), torch.cat(ups, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Returns the experts' contribution, or ``None`` while the bank is empty."""
+        if not self.down:
+            return None
+        w_down, w_up = self.fused_weights()
+        h = F.linear(x, w_down)
+        if self.activation == "gelu":
+            h = F.gelu(h)
+        return F.linear(h, w_up) * self.scale
+
+    def forward_per_expert(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Reference loop over experts; equal to :meth:`forward` (used by the tests)."""
+        if not self.down:
+            return None
+        out = torch.zeros(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)
+        for name in self.down:
+            h = self.down[name](x)
+            if self.activation == "gelu":
+                h = F.gelu(h)
+            out = out + self.up[name](h)
+        return out * self.scale
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
+            f"scale={self.scale}, act={self.activation}, experts={self.num_experts}"
+        )
+
+
+def _add_delta(base_out: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    # Adding +0.0 is exact in IEEE arithmetic, so a zero-initialised expert leaves the
+    # output bit-identical; skipping the add when the bank is empty saves the work.
+    return base_out if delta is None else base_out + delta.to(base_out.dtype)
+
+
+class ParallelBlock(nn.Module):
+    """``base_layer(z) + bank(z)``: an expert bank in parallel to a transformer block.
+
+    The bank reads the block's input (the residual stream) and never adds tokens, so the
+    block's attention is that of the frozen block for the same input.
+    """
+
+    def __init__(self, base_layer: nn.Module, bank: ExpertBank) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.bank = bank
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return _add_delta(self.base_layer(x, *args, **kwargs), self.bank(x))
+
+
+class LoRALinear(nn.Module):
+    """``base_layer(x) + scale · B·A·x`` with one (A, B) pair per expert in ``bank``."""
+
+    def __init__(self, base_layer: nn.Linear, bank: ExpertBank) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.bank = bank
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # timm's fused attention reads ``qkv.weight`` in a few code paths; expose it.
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _add_delta(self.base_layer(x), self.bank(x))

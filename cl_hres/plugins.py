@@ -1,0 +1,129 @@
+"""Avalanche plugins: the algorithms, usable with any Avalanche strategy.
+
+* :class:`ContinualViTPlugin` adds experts / grows the head when an experience starts and
+  feeds the head statistics when it ends.
+* :class:`NullSpaceProjectionPlugin` collects the old inputs' covariance after each
+  experience and keeps new experts' ``down`` weights in its null space after every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from avalanche.core import SupervisedPlugin
+from torch.utils.data import DataLoader
+
+from cl_hres.config import NullSpaceConfig
+from cl_hres.null_space import NullSpaceGuard
+from cl_hres.vit_adapters import expert_banks
+
+__all__ = ["ContinualViTPlugin", "NullSpaceProjectionPlugin"]
+
+
+def experiences_in_training(strategy) -> list:
+    """The experiences of the current ``train`` call (all of them for JointTraining)."""
+    return list(getattr(strategy, "_experiences", None) or [strategy.experience])
+
+
+def eval_batches(strategy, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x, y)`` batches of the data just trained on, with eval transforms, in order."""
+    dataset = strategy.adapted_dataset.eval()
+    loader = DataLoader(dataset, batch_size=strategy.eval_mb_size, shuffle=False)
+    seen = 0
+    for batch in loader:
+        x, y = batch[0], batch[1]
+        if limit is not None:
+            x, y = x[: limit - seen], y[: limit - seen]
+        yield x.to(strategy.device), y.to(strategy.device)
+        seen += x.shape[0]
+        if limit is not None and seen >= limit:
+            return
+
+
+class ContinualViTPlugin(SupervisedPlugin):
+    """Starts and ends experiences of a :class:`~cl_hres.model.ContinualViT`.
+
+    Experts are created in ``after_train_dataset_adaptation``, which Avalanche runs before
+    ``make_optimizer``, so the new parameters reach the optimizer.
+    """
+
+    def after_train_dataset_adaptation(self, strategy, **kwargs) -> None:
+        strategy.model.begin_experience(
+            [
+                # Class-incremental experiences built from plain datasets have no task labels.
+                (exp.classes_in_this_experience, getattr(exp, "task_labels", [0]))
+                for exp in experiences_in_training(strategy)
+            ]
+        )
+        strategy.model.to(strategy.device)
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        strategy.model.end_experience(eval_batches(strategy))
+
+
+class NullSpaceProjectionPlugin(SupervisedPlugin):
+    """Null-space projection of new experts (see :mod:`cl_hres.null_space`).
+
+    Works with any strategy whose model contains :class:`~cl_hres.experts.ExpertBank` s
+    with one expert per experience. After each experience it records diagnostics in
+    :attr:`history`: the null-space dimension per bank and the relative change of the
+    features of a probe batch of every earlier experience (measured interference).
+
+    Args:
+        config: Threshold rule, its parameter, relaxation and precision.
+        probe_size: Training images kept per experience to measure interference.
+    """
+
+    def __init__(self, config: NullSpaceConfig | None = None, *, probe_size: int = 64) -> None:
+        super().__init__()
+        self.config = config or NullSpaceConfig()
+        self.probe_size = probe_size
+        self.guard: NullSpaceGuard | None = None
+        self.probes: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.history: list[dict] = []
+
+    def _guard(self, strategy) -> NullSpaceGuard:
+        if self.guard is None:
+            banks = expert_banks(strategy.model)
+            if not banks:
+                raise ValueError("NullSpaceProjectionPlugin needs a model with expert banks")
+            self.guard = NullSpaceGuard(banks, self.config)
+        return self.guard
+
+    @staticmethod
+    def _features(model, x: torch.Tensor) -> torch.Tensor:
+        return model.features(x) if hasattr(model, "features") else model(x)
+
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        # The new expert's initial down weights must already lie in the null space.
+        self._guard(strategy).project_weights()
+
+    def after_backward(self, strategy, **kwargs) -> None:
+        self._guard(strategy).project_grads()
+
+    def after_update(self, strategy, **kwargs) -> None:
+        self._guard(strategy).project_weights()
+
+    @torch.no_grad()
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        guard = self._guard(strategy)
+        model = strategy.model
+        was_training = model.training
+        model.eval()
+        guard.collect(lambda x: self._features(model, x), (x for x, _ in eval_batches(strategy)))
+        interference = {}
+        for j, (x, ref) in enumerate(self.probes):
+            now = self._features(model, x)
+            interference[j] = float((now - ref).norm() / ref.norm().clamp_min(1e-12))
+        probe = torch.cat([x for x, _ in eval_batches(strategy, self.probe_size)])
+        self.probes.append((probe, self._features(model, probe)))
+        self.history.append(
+            {
+                "experience": len(self.history),
+                "null_space_dims": list(guard.null_dims),
+                "input_dims": [b.in_features for b in guard.banks],
+                "interference": interference,
+            }
+        )
+        model.train(was_training)

@@ -1,0 +1,230 @@
+"""Avalanche strategies on a timm ViT: thin keyword-only wrappers around the plugins.
+
+Every strategy wraps the given timm ``VisionTransformer`` in a
+:class:`~cl_hres.model.ContinualViT` with the same head protocol, builds an AdamW optimizer
+over the trainable parameters when none is given (rebuilt at each experience, over the
+parameters trainable then), and passes task labels to the model so task-incremental
+streams get one head per task while class-incremental streams need no task id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from avalanche.training.plugins.evaluation import default_evaluator
+from avalanche.training.supervised import JointTraining
+from avalanche.training.templates import SupervisedTemplate
+from torch import nn
+
+from cl_hres.config import HResConfig, LoRAConfig, NullSpaceConfig, VPTConfig
+from cl_hres.errors import ConfigError
+from cl_hres.model import ContinualViT
+from cl_hres.plugins import ContinualViTPlugin, NullSpaceProjectionPlugin
+
+__all__ = [
+    "STRATEGIES",
+    "FineTune",
+    "HRes",
+    "HResNSP",
+    "Joint",
+    "LinearProbe",
+    "LoRA",
+    "LoRANSP",
+    "VPT",
+    "register_strategy",
+]
+
+STRATEGIES: dict[str, type[SupervisedTemplate]] = {}
+
+
+def register_strategy(name: str) -> Callable[[type], type]:
+    """Class decorator adding a strategy to :data:`STRATEGIES`; names must be unique."""
+
+    def deco(cls: type) -> type:
+        if name in STRATEGIES:
+            raise ValueError(f"strategy name {name!r} is already registered")
+        STRATEGIES[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+class _ViTStrategy(SupervisedTemplate):
+    """Base of the cl-hres strategies (not registered)."""
+
+    name: ClassVar[str] = ""
+    method: ClassVar[str] = "hres"
+    expert_per_experience: ClassVar[bool] = True
+    uses_nsp: ClassVar[bool] = False
+    config_type: ClassVar[type | None] = HResConfig
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        criterion: nn.Module | None = None,
+        train_mb_size: int = 32,
+        train_epochs: int = 1,
+        eval_mb_size: int = 128,
+        device: str | torch.device = "cpu",
+        plugins: Sequence[Any] | None = None,
+        evaluator: Any = default_evaluator,
+        eval_every: int = -1,
+        head: str = "ridge",
+        ridge: float = 1e-2,
+        method_config: HResConfig | LoRAConfig | VPTConfig | None = None,
+        nsp_config: NullSpaceConfig | None = None,
+        num_classes: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        """Init.
+
+        Args:
+            model: A timm VisionTransformer, or a ready :class:`ContinualViT`.
+            optimizer: Its class and hyper-parameters are reused at every experience over
+                the parameters trainable then; default AdamW(lr, weight_decay).
+            lr: Learning rate of the default optimizer.
+            weight_decay: Weight decay of the default optimizer.
+            criterion: Loss; default cross-entropy.
+            train_mb_size: Training batch size.
+            train_epochs: Epochs per experience.
+            eval_mb_size: Evaluation batch size.
+            device: Torch device.
+            plugins: Extra Avalanche plugins (run after this strategy's own).
+            evaluator: Avalanche EvaluationPlugin.
+            eval_every: As in Avalanche.
+            head: Evaluation head protocol: ``ridge``, ``ncm`` or ``linear``.
+            ridge: Relative ridge penalty of the ``ridge`` head.
+            method_config: Config of the strategy's method (HRes/LoRA/VPT).
+            nsp_config: Null-space rule for the ``*-nsp`` strategies.
+            num_classes: Classes known up front (optional; the head grows as needed).
+            **kwargs: Passed on to the Avalanche template.
+        """
+        if isinstance(model, ContinualViT):
+            if model.method != self.method:
+                raise ConfigError(f"{self.name} needs a {self.method} model, got {model.method}")
+        else:
+            if method_config is not None and not isinstance(method_config, self.config_type or ()):
+                raise ConfigError(
+                    f"{self.name} takes a {getattr(self.config_type, '__name__', 'no')} config, "
+                    f"got {type(method_config).__name__}"
+                )
+            model = ContinualViT(
+                model,
+                method=self.method,
+                method_config=method_config,
+                expert_per_experience=self.expert_per_experience,
+                head=head,
+                ridge=ridge,
+                num_classes=num_classes,
+            )
+        if optimizer is None:
+            self._optimizer_factory = lambda params: torch.optim.AdamW(
+                params, lr=lr, weight_decay=weight_decay
+            )
+        else:
+            opt_type, defaults = type(optimizer), dict(optimizer.defaults)
+            self._optimizer_factory = lambda params: opt_type(params, **defaults)
+        own: list[Any] = [ContinualViTPlugin()]
+        self.nsp_plugin: NullSpaceProjectionPlugin | None = None
+        if self.uses_nsp:
+            self.nsp_plugin = NullSpaceProjectionPlugin(nsp_config)
+            own.append(self.nsp_plugin)
+        super().__init__(
+            model=model,
+            # Avalanche wants an optimizer now; make_optimizer replaces it per experience.
+            optimizer=self._optimizer_factory(list(model.parameters())),
+            criterion=criterion or nn.CrossEntropyLoss(),
+            train_mb_size=train_mb_size,
+            train_epochs=train_epochs,
+            eval_mb_size=eval_mb_size,
+            device=device,
+            plugins=[*own, *(plugins or [])],
+            evaluator=evaluator,
+            eval_every=eval_every,
+            **kwargs,
+        )
+
+    def forward(self) -> torch.Tensor:
+        # Task labels reach the model whenever batches carry them (x, y, t): the model
+        # decides whether they restrict the classes.
+        task_labels = self.mbatch[2] if len(self.mbatch) >= 3 else None
+        return self.model(self.mb_x, task_labels=task_labels)
+
+    def make_optimizer(self, **kwargs: Any) -> None:
+        # Avalanche's default hands frozen parameters to the optimizer too and mis-assigns
+        # new ones with several param groups; a fresh optimizer per experience over the
+        # trainable parameters is what every method here expects.
+        params = self.model.trainable_parameters()
+        if params:
+            self.optimizer = self._optimizer_factory(params)
+
+
+@register_strategy("hres-nsp")
+class HResNSP(_ViTStrategy):
+    """H-Res expert per experience with null-space projection (the proposed method)."""
+
+    uses_nsp = True
+
+
+@register_strategy("hres")
+class HRes(_ViTStrategy):
+    """H-Res expert per experience, older experts frozen, no projection."""
+
+
+@register_strategy("lora")
+class LoRA(_ViTStrategy):
+    """Sequential LoRA: one low-rank adapter trained on every experience in turn."""
+
+    method = "lora"
+    expert_per_experience = False
+    config_type = LoRAConfig
+
+
+@register_strategy("lora-nsp")
+class LoRANSP(_ViTStrategy):
+    """A LoRA branch per experience with ``A`` kept in the old inputs' null space (InfLoRA idea)."""
+
+    method = "lora"
+    uses_nsp = True
+    config_type = LoRAConfig
+
+
+@register_strategy("vpt")
+class VPT(_ViTStrategy):
+    """Sequential visual prompt tuning (shallow or deep)."""
+
+    method = "vpt"
+    config_type = VPTConfig
+
+
+@register_strategy("linear")
+class LinearProbe(_ViTStrategy):
+    """Frozen backbone; only the head learns."""
+
+    method = "linear"
+    config_type = None
+
+
+@register_strategy("finetune")
+class FineTune(_ViTStrategy):
+    """Every backbone weight trained on each experience in turn (forgets most)."""
+
+    method = "finetune"
+    config_type = None
+
+
+@register_strategy("joint")
+class Joint(_ViTStrategy, JointTraining):
+    """One H-Res expert trained on all experiences at once: the upper bound.
+
+    Call ``train`` once with the whole train stream.
+    """
+
+    expert_per_experience = False

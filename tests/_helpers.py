@@ -1,0 +1,13 @@
+"""Shared helpers for the tests (tests/ is on sys.path under pytest's prepend mode)."""
+
+import torch
+
+
+def make_vit(seed: int = 0, **overrides):
+    """A small random-init timm ViT (8×8 single-channel input, 4 patches + cls)."""
+    from cl_hres.backbones import create_backbone
+
+    kwargs = dict(img_size=8, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    return create_backbone("vit_tiny_patch16_224", **kwargs)
