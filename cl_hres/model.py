@@ -97,6 +97,10 @@ class ContinualViT(nn.Module):
         self.backbone.eval()
         return self
 
+    def ensure_classes(self, num_classes: int) -> None:
+        """Makes the logits cover class ids ``< num_classes`` (unseen ones stay ``-inf``)."""
+        self._grow_head(num_classes)
+
     def _grow_head(self, num_classes: int) -> None:
         old = self.train_head
         if num_classes <= old.out_features:
@@ -145,9 +149,21 @@ class ContinualViT(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def adapter_parameter_count(self) -> int:
-        """Trainable parameters of the method, excluding the classifier head."""
+        """Parameters the method trains now, excluding the classifier head."""
         head = {id(p) for p in self.train_head.parameters()}
         return sum(p.numel() for p in self.trainable_parameters() if id(p) not in head)
+
+    def adapter_parameter_count_total(self) -> int:
+        """Parameters the method added or trained over the stream (frozen experts included)."""
+        if self.method == "finetune":
+            return sum(p.numel() for p in self.backbone.parameters())
+        head = {id(p) for p in self.train_head.parameters()}
+        base = {
+            id(p)
+            for n, p in self.backbone.named_parameters()
+            if ".bank." not in f".{n}" and "prompts" not in n
+        }
+        return sum(p.numel() for p in self.parameters() if id(p) not in head and id(p) not in base)
 
     # ---------------------------------------------------------------- forward
     def features(self, x: torch.Tensor) -> torch.Tensor:

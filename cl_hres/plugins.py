@@ -15,10 +15,16 @@ from avalanche.core import SupervisedPlugin
 from torch.utils.data import DataLoader
 
 from cl_hres.config import NullSpaceConfig
+from cl_hres.errors import ClHresError
 from cl_hres.null_space import NullSpaceGuard
 from cl_hres.vit_adapters import expert_banks
 
-__all__ = ["ContinualViTPlugin", "NullSpaceProjectionPlugin"]
+__all__ = [
+    "ContinualViTPlugin",
+    "FiniteLossPlugin",
+    "NullSpaceProjectionPlugin",
+    "TrainingDivergedError",
+]
 
 
 def experiences_in_training(strategy) -> list:
@@ -60,6 +66,13 @@ class ContinualViTPlugin(SupervisedPlugin):
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         strategy.model.end_experience(eval_batches(strategy))
+
+    def before_eval_exp(self, strategy, **kwargs) -> None:
+        # Test streams hold classes not trained yet: their logits must exist (as -inf)
+        # for the loss, as Avalanche's IncrementalClassifier grows before evaluation.
+        classes = strategy.experience.classes_in_this_experience
+        if classes:
+            strategy.model.ensure_classes(max(classes) + 1)
 
 
 class NullSpaceProjectionPlugin(SupervisedPlugin):
@@ -127,3 +140,32 @@ class NullSpaceProjectionPlugin(SupervisedPlugin):
             }
         )
         model.train(was_training)
+
+
+class TrainingDivergedError(ClHresError):
+    """The loss became NaN or Inf."""
+
+
+class FiniteLossPlugin(SupervisedPlugin):
+    """Stops training when the loss is not finite, checked once per epoch.
+
+    The per-step check stays on the device (a running flag), so it adds no host-device
+    synchronisation to the training step.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._bad: torch.Tensor | None = None
+
+    def before_backward(self, strategy, **kwargs) -> None:
+        bad = ~torch.isfinite(strategy.loss.detach())
+        self._bad = bad if self._bad is None else self._bad | bad
+
+    def after_training_epoch(self, strategy, **kwargs) -> None:
+        if self._bad is not None and bool(self._bad.item()):
+            self._bad = None
+            raise TrainingDivergedError(
+                f"loss became NaN/Inf in experience {strategy.clock.train_exp_counter + 1}, "
+                f"epoch {strategy.clock.train_exp_epochs + 1}; lower --lr"
+            )
+        self._bad = None

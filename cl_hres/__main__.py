@@ -1,0 +1,7 @@
+"""``python -m cl_hres`` (also what ``torchrun -m cl_hres`` runs)."""
+
+import sys
+
+from cl_hres.cli import main
+
+sys.exit(main())

@@ -1,0 +1,128 @@
+"""``cl-hres compare``: several strategies (and seeds) on the same stream, one table."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from cl_hres.errors import ConfigError
+from cl_hres.run_config import RunConfig
+from cl_hres.runner import check_output_dir, execute, prepare
+
+__all__ = ["METRICS", "aggregate", "compare", "markdown_table"]
+
+METRICS = (
+    "final_average_accuracy",
+    "average_incremental_accuracy",
+    "forgetting",
+    "bwt",
+    "fwt",
+)
+
+
+def _mean_std(values: list[float | None]) -> dict[str, Any]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"mean": None, "std": None, "values": values}
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return {"mean": mean, "std": std, "values": values}
+
+
+def aggregate(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Mean ± sample std over seeds of every metric, per strategy."""
+    out = {}
+    for name, results in runs.items():
+        row = {m: _mean_std([r[m] for r in results]) for m in METRICS}
+        row["train_seconds"] = _mean_std([r["timing"]["train_seconds"] for r in results])
+        row["adapter_parameters"] = results[0]["trainable_parameters"]["adapter_total"]
+        row["seeds"] = [r["seed"] for r in results]
+        out[name] = row
+    return out
+
+
+def _fmt(cell: dict[str, Any], pct: bool = True) -> str:
+    if cell["mean"] is None:
+        return "–"
+    k = 100 if pct else 1
+    if len(cell["values"]) > 1:
+        return f"{k * cell['mean']:.2f} ± {k * cell['std']:.2f}"
+    return f"{k * cell['mean']:.2f}"
+
+
+def markdown_table(agg: dict[str, Any]) -> str:
+    """One row per strategy; accuracies and forgetting in percentage points."""
+    lines = [
+        "| strategy | final acc (%) | avg incr. acc (%) | forgetting (pp) | BWT (pp) | FWT (pp) | adapter params | train s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in agg.items():
+        lines.append(
+            f"| {name} | {_fmt(row['final_average_accuracy'])} | {_fmt(row['average_incremental_accuracy'])} "
+            f"| {_fmt(row['forgetting'])} | {_fmt(row['bwt'])} | {_fmt(row['fwt'])} "
+            f"| {row['adapter_parameters']:,} | {_fmt(row['train_seconds'], pct=False)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def compare(
+    base: RunConfig,
+    strategies: list[str],
+    seeds: list[int],
+    out: Path,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Runs every strategy × seed into ``out/<strategy>/seed<k>`` and writes the comparison."""
+    from cl_hres.checkpoint import atomic_write_text
+    from cl_hres.plots import plot_comparison
+
+    configs = {}
+    for name in strategies:
+        for seed in seeds:
+            configs[(name, seed)] = RunConfig.from_dict(
+                dict(base.to_dict(), strategy=name, seed=seed)
+            )
+    if (out / "comparison.json").exists() and not (overwrite or resume):
+        raise ConfigError(f"{out} already holds a comparison; pass --overwrite or --resume")
+    for name, seed in configs:
+        check_output_dir(out / name / f"seed{seed}", resume=False, overwrite=overwrite or resume)
+    # Validate all data / backbones before the first run writes anything.
+    prepared = {key: prepare(cfg) for key, cfg in configs.items()}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in strategies}
+    for (name, seed), prep in prepared.items():
+        run_dir = out / name / f"seed{seed}"
+        done = run_dir / "results.json"
+        if resume and done.is_file():
+            runs[name].append(json.loads(done.read_text()))
+            continue
+        can_resume = resume and (run_dir / "config.json").is_file()
+        runs[name].append(
+            execute(prep, run_dir, resume=can_resume, overwrite=not can_resume, progress=progress)
+        )
+    agg = aggregate(runs)
+    first = next(iter(prepared.values())).config
+    summary = {
+        "benchmark": first.benchmark,
+        "scenario": first.scenario,
+        "experiences": first.experiences,
+        "seeds": seeds,
+        "head": first.head,
+        "strategies": agg,
+    }
+    atomic_write_text(out / "comparison.json", json.dumps(summary, indent=1))
+    table = markdown_table(agg)
+    header = (
+        f"{first.benchmark}, {first.scenario}-incremental, {first.experiences} experiences, "
+        f"head {first.head}, seeds {','.join(map(str, seeds))}, evaluated on the "
+        f"{'validation' if first.validation else 'test'} split\n\n"
+    )
+    atomic_write_text(out / "comparison.md", header + table)
+    plot_comparison(
+        runs, out / "comparison.png", f"{first.benchmark} ({first.scenario}-incremental)"
+    )
+    return summary

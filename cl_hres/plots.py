@@ -1,0 +1,75 @@
+"""Forgetting-curve plots (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["plot_comparison", "plot_forgetting_curves"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _running_average(r: list[list[float]]) -> list[float]:
+    return [sum(row[: i + 1]) / (i + 1) for i, row in enumerate(r)]
+
+
+def plot_forgetting_curves(r: list[list[float]], path: Path, title: str) -> None:
+    """Accuracy on each experience over the stream, and the running average."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    t = len(r)
+    steps = list(range(1, t + 1))
+    if t == 1:  # joint: one evaluation after training on everything
+        ax.bar(range(1, len(r[0]) + 1), r[0], color="tab:gray")
+        ax.set_xlabel("test experience")
+    else:
+        for j in range(len(r[0])):
+            ax.plot(
+                steps[j:], [r[i][j] for i in range(j, t)], marker="o", lw=1, label=f"exp {j + 1}"
+            )
+        ax.plot(steps, _running_average(r), color="black", lw=2.5, label="average (seen)")
+        ax.set_xlabel("after training experience")
+        ax.set_xticks(steps)
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_comparison(runs: dict[str, list[dict[str, Any]]], path: Path, title: str) -> None:
+    """Running average accuracy and first-experience accuracy of every strategy."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, results in runs.items():
+        curves = [_running_average(res["accuracy_matrix"]) for res in results]
+        firsts = [[row[0] for row in res["accuracy_matrix"]] for res in results]
+        for ax, series in ((axes[0], curves), (axes[1], firsts)):
+            n = len(series[0])
+            mean = [sum(s[i] for s in series) / len(series) for i in range(n)]
+            steps = list(range(1, n + 1))
+            if n == 1:  # joint: a horizontal reference line
+                ax.axhline(mean[0], ls="--", color="gray", label=name)
+            else:
+                ax.plot(steps, mean, marker="o", label=name)
+    axes[0].set_title("average accuracy on experiences seen")
+    axes[1].set_title("accuracy on the first experience (forgetting curve)")
+    for ax in axes:
+        ax.set_xlabel("after training experience")
+        ax.set_ylabel("test accuracy")
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,216 @@
+"""The configuration of one run: every CLI / YAML option, validated before heavy work."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cl_hres.config import HEAD_CHOICES, HResConfig, LoRAConfig, NullSpaceConfig, VPTConfig
+from cl_hres.errors import ConfigError
+
+__all__ = ["DIGITS_BACKBONE", "STRATEGY_NAMES", "RunConfig", "load_yaml_config"]
+
+# Kept here rather than imported from cl_hres.strategies so that validating a config needs
+# no Avalanche import (6 s); a test checks both lists agree.
+STRATEGY_NAMES = ("finetune", "hres", "hres-nsp", "joint", "linear", "lora", "lora-nsp", "vpt")
+
+# The embedded default's backbone: timm's ViT-Tiny layout shrunk to 8×8 digits. No
+# pretrained weights exist for it; it is randomly initialised (seeded) and frozen.
+DIGITS_BACKBONE: dict[str, Any] = {
+    "patch_size": 2,
+    "embed_dim": 64,
+    "depth": 4,
+    "num_heads": 4,
+}
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run; ``resolved()`` fills benchmark-dependent defaults."""
+
+    benchmark: str = field(default="split-digits", metadata={"help": "Name, .npz or folder."})
+    strategy: str = field(default="hres-nsp", metadata={"help": "Strategy name."})
+    scenario: str = field(default="class", metadata={"help": "class or task incremental."})
+    experiences: int | None = field(default=None, metadata={"help": "Experiences in the stream."})
+    backbone: str = field(default="vit_tiny_patch16_224", metadata={"help": "timm model name."})
+    backbone_kwargs: dict[str, Any] | None = field(
+        default=None, metadata={"help": "Extra VisionTransformer arguments."}
+    )
+    pretrained: bool = field(default=False, metadata={"help": "Load pretrained weights."})
+    weights: str | None = field(default=None, metadata={"help": "Local weights file."})
+    img_size: int | None = field(default=None, metadata={"help": "Input resolution."})
+    epochs: int = field(default=5, metadata={"help": "Epochs per experience."})
+    batch_size: int = field(default=32, metadata={"help": "Training batch size."})
+    eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch size."})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    seed: int = field(default=0, metadata={"help": "Seed of class order, init and batches."})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N."})
+    data_root: str = field(default="data", metadata={"help": "Where datasets live."})
+    head: str = field(default="ridge", metadata={"help": "ridge, ncm or linear."})
+    ridge: float = field(default=1e-2, metadata={"help": "Relative ridge penalty."})
+    rank: int = field(default=32, metadata={"help": "H-Res expert rank r."})
+    scale: float = field(default=1.0, metadata={"help": "H-Res scale λ."})
+    nsp_rule: str = field(default="relative", metadata={"help": "energy, ratio or relative."})
+    nsp_threshold: float = field(default=1e-6, metadata={"help": "Parameter of the rule."})
+    nsp_eta: float = field(default=1.0, metadata={"help": "Projector relaxation η."})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
+    lora_targets: str = field(default="attn", metadata={"help": "attn, mlp or attn,mlp."})
+    vpt_length: int = field(default=10, metadata={"help": "VPT prompt length."})
+    vpt_deep: bool = field(default=True, metadata={"help": "Deep (per-block) prompts."})
+    validation: float = field(
+        default=0.0, metadata={"help": "Train fraction held out as the evaluation set."}
+    )
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ----------------------------------------------------------------- checks
+    def validate(self) -> None:
+        """Raises ConfigError naming the first bad value."""
+        if self.strategy not in STRATEGY_NAMES:
+            close = difflib.get_close_matches(self.strategy, STRATEGY_NAMES, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(
+                f"unknown strategy {self.strategy!r}{hint} (choose from {', '.join(STRATEGY_NAMES)})"
+            )
+        if self.scenario not in ("class", "task"):
+            raise ConfigError(f"scenario must be class or task, got {self.scenario!r}")
+        if self.head not in HEAD_CHOICES:
+            raise ConfigError(f"head must be one of {', '.join(HEAD_CHOICES)}, got {self.head!r}")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            _positive_int(name, getattr(self, name))
+        if self.experiences is not None:
+            _positive_int("experiences", self.experiences)
+        if self.img_size is not None:
+            _positive_int("img_size", self.img_size)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
+        for name in ("lr", "ridge"):
+            _positive_float(name, getattr(self, name))
+        if (
+            not _is_number(self.weight_decay)
+            or not math.isfinite(self.weight_decay)
+            or self.weight_decay < 0
+        ):
+            raise ConfigError(
+                f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}"
+            )
+        if not _is_number(self.validation) or not 0 <= self.validation < 1:
+            raise ConfigError(f"validation must be in [0, 1), got {self.validation!r}")
+        if self.backbone_kwargs is not None and not isinstance(self.backbone_kwargs, dict):
+            raise ConfigError("backbone_kwargs must be a mapping")
+        for name in ("pretrained", "vpt_deep"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        # The method configs validate their own fields.
+        self.hres_config()
+        self.lora_config()
+        self.vpt_config()
+        self.nsp_config()
+
+    def check_device(self) -> None:
+        """Raises ConfigError if the device is not available here."""
+        if self.device == "cpu":
+            return
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device} requested but CUDA is not available")
+        index = int(self.device.split(":")[1]) if ":" in self.device else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {self.device} does not exist ({torch.cuda.device_count()} GPUs)"
+            )
+
+    # -------------------------------------------------------- derived configs
+    def hres_config(self) -> HResConfig:
+        return HResConfig(rank=self.rank, scale=self.scale)
+
+    def lora_config(self) -> LoRAConfig:
+        targets = tuple(t.strip() for t in str(self.lora_targets).split(",") if t.strip())
+        return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, targets=targets)
+
+    def vpt_config(self) -> VPTConfig:
+        return VPTConfig(length=self.vpt_length, deep=self.vpt_deep)
+
+    def nsp_config(self) -> NullSpaceConfig:
+        return NullSpaceConfig(rule=self.nsp_rule, threshold=self.nsp_threshold, eta=self.nsp_eta)
+
+    def method_config(self) -> HResConfig | LoRAConfig | VPTConfig | None:
+        """The config the chosen strategy's method takes."""
+        if self.strategy.startswith("lora"):
+            return self.lora_config()
+        if self.strategy == "vpt":
+            return self.vpt_config()
+        if self.strategy in ("hres", "hres-nsp", "joint"):
+            return self.hres_config()
+        return None
+
+    def backbone_arguments(self, image_size: int, channels: int) -> dict[str, Any]:
+        """Keyword arguments of :func:`~cl_hres.backbones.create_backbone`."""
+        kwargs: dict[str, Any] = {}
+        if self.benchmark == "split-digits" and not (self.pretrained or self.weights):
+            kwargs.update(DIGITS_BACKBONE)
+        kwargs.update(self.backbone_kwargs or {})
+        size = self.img_size or image_size
+        patch = kwargs.get("patch_size")
+        if patch is not None and (not isinstance(patch, int) or patch < 1 or size % patch):
+            raise ConfigError(f"image size {size} is not a multiple of patch size {patch}")
+        return dict(kwargs, img_size=size, in_chans=channels)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> RunConfig:
+        """Builds a config, rejecting unknown keys with a close-match suggestion."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                raise ConfigError(f"{source}: unknown option {key!r}{hint}")
+        try:
+            return cls(**values)
+        except TypeError as exc:  # e.g. a list where a string is expected
+            raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_yaml_config(path: str | Path) -> dict[str, Any]:
+    """Reads a YAML run recipe into a dict (keys as in :class:`RunConfig`, ``-`` or ``_``)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of options at the top level")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _positive_int(name: str, v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+
+
+def _positive_float(name: str, v: Any) -> None:
+    if not _is_number(v) or not math.isfinite(v) or v <= 0:
+        raise ConfigError(f"{name} must be a finite number > 0, got {v!r}")

@@ -1,0 +1,72 @@
+"""Metric definitions and stream construction."""
+
+import pytest
+
+from cl_hres.benchmarks import build_stream, class_split
+from cl_hres.data import load_digits_data
+from cl_hres.errors import ConfigError
+from cl_hres.metrics import accuracy_row_from_results, summarise
+from cl_hres.run_config import STRATEGY_NAMES
+
+
+def test_metrics_match_hand_computed_values():
+    r = [[0.9, 0.1, 0.0], [0.7, 0.8, 0.2], [0.6, 0.5, 0.9]]
+    m = summarise(r, baseline=[0.5, 0.1, 0.3], scenario="task")
+    assert m["final_average_accuracy"] == pytest.approx((0.6 + 0.5 + 0.9) / 3)
+    assert m["average_incremental_accuracy"] == pytest.approx((0.9 + 0.75 + 2.0 / 3) / 3)
+    # max over i < T-1: exp0 max(0.9, 0.7) - 0.6; exp1 0.8 - 0.5
+    assert m["forgetting"] == pytest.approx((0.3 + 0.3) / 2)
+    assert m["bwt"] == pytest.approx(((0.6 - 0.9) + (0.5 - 0.8)) / 2)
+    assert m["fwt"] == pytest.approx(((0.1 - 0.1) + (0.2 - 0.3)) / 2)
+    assert summarise(r, None, "class")["fwt"] is None
+    joint = summarise([[0.9, 0.8]], None, "class")
+    assert joint["forgetting"] is None and joint["final_average_accuracy"] == pytest.approx(0.85)
+
+
+def test_accuracy_row_parses_task_aware_keys():
+    res = {
+        "Top1_Acc_Exp/eval_phase/test_stream/Task001/Exp001": 0.5,
+        "Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp000": 0.25,
+        "Top1_Acc_Stream/eval_phase/test_stream/Task000": 0.1,
+    }
+    assert accuracy_row_from_results(res, 2) == [0.25, 0.5]
+    with pytest.raises(RuntimeError):
+        accuracy_row_from_results(res, 3)
+
+
+def test_class_split_keeps_every_class():
+    order, per = class_split(10, 3, seed=1)
+    assert sorted(order) == list(range(10)) and per == [4, 3, 3]
+    assert class_split(10, 3, seed=1)[0] == order and class_split(10, 3, seed=2)[0] != order
+    with pytest.raises(ConfigError):
+        class_split(4, 5, seed=0)
+
+
+@pytest.mark.parametrize("scenario", ["class", "task"])
+def test_streams_hold_all_classes_in_seeded_order(scenario):
+    data = load_digits_data()
+    bm = build_stream(data, experiences=3, scenario=scenario, seed=0)
+    classes = [sorted(e.classes_in_this_experience) for e in bm.train_stream]
+    assert sorted(c for cs in classes for c in cs) == list(range(10))
+    assert [len(c) for c in classes] == [4, 3, 3]
+    assert classes == [sorted(e.classes_in_this_experience) for e in bm.test_stream]
+    if scenario == "task":
+        assert [e.task_label for e in bm.train_stream] == [0, 1, 2]
+
+
+def test_strategy_registry_matches_config_names():
+    from cl_hres.strategies import STRATEGIES
+
+    assert sorted(STRATEGIES) == sorted(STRATEGY_NAMES)
+
+
+def test_every_recipe_is_a_valid_config():
+    from pathlib import Path
+
+    from cl_hres.run_config import RunConfig, load_yaml_config
+
+    root = Path(__file__).parents[1]
+    recipes = sorted([*root.glob("strategies/*.yaml"), *root.glob("benchmarks/*.yaml")])
+    assert len(recipes) >= 10
+    for path in recipes:
+        RunConfig.from_dict(load_yaml_config(path), source=str(path))
