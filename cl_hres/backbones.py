@@ -58,7 +58,7 @@ def create_backbone(
         kwargs["pretrained_cfg_overlay"] = {"file": str(path.resolve())}
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    except TypeError as exc:
+    except (TypeError, AssertionError) as exc:  # timm asserts e.g. embed_dim % heads
         raise ConfigError(f"backbone {name!r} rejected its arguments: {exc}") from None
     except (OSError, RuntimeError, ValueError) as exc:
         if not pretrained:
