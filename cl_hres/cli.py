@@ -32,6 +32,15 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _ridge(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -59,7 +68,8 @@ _RUN_OPTIONS: list[tuple[str, str, Any]] = [
     ("--device", "device", str),
     ("--data-root", "data_root", str),
     ("--head", "head", str),
-    ("--ridge", "ridge", float),
+    ("--ridge", "ridge", _ridge),
+    ("--ridge-projection", "ridge_projection", int),
     ("--rank", "rank", int),
     ("--scale", "scale", float),
     ("--nsp-rule", "nsp_rule", str),
@@ -117,6 +127,22 @@ def _build_parser() -> argparse.ArgumentParser:
         "--seeds", type=_int_list, default=None, help="comma-separated seeds (default: --seed)"
     )
     _add_run_options(cmp_p, with_strategy=False)
+    ana_p = sub.add_parser(
+        "analyze", help="null space, interference, attention entropy, collapse of a run"
+    )
+    ana_p.add_argument("--run", type=Path, required=True, help="a finished run directory")
+    ana_p.add_argument(
+        "--other-run", type=Path, help="a second run (e.g. vpt) measured on the same images"
+    )
+    ana_p.add_argument("--images", type=int, default=256, help="test images to measure on")
+    bench_p = sub.add_parser("bench", help="throughput, memory and NSP costs of every method")
+    bench_p.add_argument(
+        "--config", choices=["tiny", "vit-s"], default="tiny", help="backbone size"
+    )
+    bench_p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    bench_p.add_argument("--iters", type=int, default=5, help="timed iterations (median)")
+    bench_p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    bench_p.add_argument("--out", type=Path, required=True, help="writes bench.json and bench.md")
     return parser
 
 
@@ -164,6 +190,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
+    from cl_hres import distributed
+
+    if distributed.rank() != 0:  # rank 0 reports for everyone
+        return 0
     _print_summary({results["strategy"]: results})
     print(f"results: {args.out / 'results.json'}")
     return 0
@@ -197,11 +227,39 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from cl_hres.analysis import analysis_markdown, analyze_run
+
+    if args.images < 2:
+        raise ConfigError(f"--images must be at least 2, got {args.images}")
+    report = analyze_run(args.run, other_run=args.other_run, images=args.images)
+    print(analysis_markdown(report), end="")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from cl_hres.bench import markdown, run_bench, write_bench
+    from cl_hres.run_config import RunConfig
+
+    if args.iters < 1:
+        raise ConfigError(f"--iters must be a positive integer, got {args.iters}")
+    RunConfig(device=args.device).check_device()
+    results = run_bench(args.config, device=args.device, iters=args.iters, autocast=args.bf16)
+    write_bench(results, args.out)
+    print(markdown(results), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cl-hres`` console script."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    handlers = {"run": _cmd_run, "compare": _cmd_compare}
+    handlers = {
+        "run": _cmd_run,
+        "compare": _cmd_compare,
+        "analyze": _cmd_analyze,
+        "bench": _cmd_bench,
+    }
     try:
         return handlers[args.command](args)
     except ClHresError as exc:

@@ -46,6 +46,10 @@ class StatisticsHead(nn.Module):
             [self.class_counts, torch.zeros(extra, dtype=torch.float64, device=dev)]
         )
 
+    def statistics(self) -> dict[str, torch.Tensor]:
+        """The accumulated sufficient statistics (summed across processes)."""
+        return {"class_sums": self.class_sums, "class_counts": self.class_counts}
+
     @torch.no_grad()
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Adds a batch of features ``(B, D)`` with integer labels ``(B,)``."""
@@ -74,24 +78,53 @@ class NCMHead(StatisticsHead):
 class RidgeHead(StatisticsHead):
     """Closed-form ridge classifier ``W = (G + λ·tr(G)/D·I)⁻¹ Q``.
 
+    With ``projection`` = M > 0, features first go through a fixed random map
+    ``ReLU(R·φ)`` to M dimensions (RanPAC's random projection), which adds capacity to a
+    linear classifier on statistics alone. The map is drawn from its own seeded generator,
+    so it does not consume the global RNG.
+
     Args:
-        num_features: Feature width D.
+        num_features: Feature width D of the backbone.
         ridge: λ relative to the mean eigenvalue tr(G)/D, so it needs no rescaling
-            between backbones.
+            between backbones. ``None`` (default) chooses it at every fit by generalised
+            cross-validation (GCV) over 1e-8 … 1e1, computed from the statistics alone.
+        projection: Width M of the random ReLU projection; 0 disables it.
+        seed: Seed of the projection.
     """
 
-    def __init__(self, num_features: int, ridge: float = 1e-2) -> None:
-        super().__init__(num_features)
+    def __init__(
+        self, num_features: int, ridge: float | None = None, projection: int = 0, seed: int = 0
+    ) -> None:
+        width = projection or num_features
+        super().__init__(width)
         self.ridge = ridge
-        self.register_buffer("gram", torch.zeros(num_features, num_features, dtype=torch.float64))
-        self.register_buffer("weight", torch.zeros(0, num_features))
+        self.input_features = num_features
+        if projection:
+            gen = torch.Generator().manual_seed(seed)
+            rp = torch.randn(projection, num_features, generator=gen) / num_features**0.5
+            self.register_buffer("projection", rp)
+        else:
+            self.projection = None
+        self.register_buffer("gram", torch.zeros(width, width, dtype=torch.float64))
+        self.register_buffer("weight", torch.zeros(0, width))
         self.register_buffer("bias", torch.zeros(0))
+
+    def _lift(self, features: torch.Tensor) -> torch.Tensor:
+        if self.projection is None:
+            return features
+        return torch.relu(features @ self.projection.to(features.dtype).T)
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        return dict(super().statistics(), gram=self.gram)
 
     @torch.no_grad()
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        features = self._lift(features)
         super().update(features, labels)
         f = features.double()
         self.gram += f.T @ f
+
+    GRID = tuple(10.0**k for k in range(-8, 2))
 
     @torch.no_grad()
     def fit(self) -> None:
@@ -101,15 +134,34 @@ class RidgeHead(StatisticsHead):
         n = self.class_counts.sum().clamp_min(1)
         mean = self.class_sums.sum(0) / n
         gram = self.gram - n * torch.outer(mean, mean)
-        lam = self.ridge * gram.diagonal().sum().clamp_min(1e-12) / d
-        eye = torch.eye(d, dtype=gram.dtype, device=gram.device)
         # Q = Σ φ yᵀ for one-hot y is the per-class sums; centred likewise.
         q = self.class_sums.T - torch.outer(mean, self.class_counts)
-        w = torch.linalg.solve(gram + lam * eye, q)  # (D, C)
+        evals, evecs = torch.linalg.eigh((gram + gram.T) / 2)
+        evals = evals.clamp_min(0)
+        scale = evals.sum().clamp_min(1e-12) / d
+        b = evecs.T @ q  # (D, C): Q in the eigenbasis
+        b2 = (b**2).sum(1)
+        y2 = n - (self.class_counts**2).sum() / n  # ‖Y − ȳ‖² for one-hot targets
+        if self.ridge is None:
+            # GCV(λ) = n·RSS(λ) / (n − df(λ) − 1)², every term from G and Q.
+            best = None
+            for rel in self.GRID:
+                lam = rel * scale
+                rss = y2 - 2 * (b2 / (evals + lam)).sum() + (evals * b2 / (evals + lam) ** 2).sum()
+                df = (evals / (evals + lam)).sum()
+                gcv = float(n * rss / (n - df - 1).clamp_min(1e-12) ** 2)
+                if best is None or gcv < best[0]:
+                    best = (gcv, rel)
+            self.chosen_ridge = best[1]
+        else:
+            self.chosen_ridge = self.ridge
+        lam = self.chosen_ridge * scale
+        w = evecs @ (b / (evals + lam).unsqueeze(1))  # (D, C) = (G + λI)⁻¹ Q
         prior = self.class_counts / n
         self.weight = w.T.float().contiguous()
         self.bias = (prior - mean @ w).float()
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        features = self._lift(features)
         logits = features @ self.weight.to(features.dtype).T + self.bias.to(features.dtype)
         return logits.masked_fill(self.class_counts == 0, float("-inf"))

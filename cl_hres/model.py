@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from cl_hres import distributed
 from cl_hres.config import HEAD_CHOICES, HResConfig, LoRAConfig, VPTConfig
 from cl_hres.errors import ConfigError
 from cl_hres.experts import ExpertBank
@@ -36,7 +37,8 @@ class ContinualViT(nn.Module):
         expert_per_experience: For ``hres``/``lora``: a new expert per experience (older
             ones frozen) instead of one expert trained on every experience.
         head: Evaluation head: ``linear`` (the trained linear head), ``ncm`` or ``ridge``.
-        ridge: Relative ridge penalty of the ``ridge`` head.
+        ridge: Relative ridge penalty of the ``ridge`` head; None: chosen by GCV.
+        ridge_projection: Width of the ridge head's random ReLU projection (0: none).
         num_classes: Classes known up front (sizes the linear head, so an untrained model
             can be evaluated); the head still grows if more classes arrive.
     """
@@ -49,7 +51,8 @@ class ContinualViT(nn.Module):
         method_config: HResConfig | LoRAConfig | VPTConfig | None = None,
         expert_per_experience: bool = True,
         head: str = "ridge",
-        ridge: float = 1e-2,
+        ridge: float | None = None,
+        ridge_projection: int = 0,
         num_classes: int = 0,
     ) -> None:
         super().__init__()
@@ -79,7 +82,7 @@ class ContinualViT(nn.Module):
         self.train_head = nn.Linear(self.num_features, num_classes)
         self.stats_head: StatisticsHead | None = None
         if head == "ridge":
-            self.stats_head = RidgeHead(self.num_features, ridge=ridge)
+            self.stats_head = RidgeHead(self.num_features, ridge=ridge, projection=ridge_projection)
         elif head == "ncm":
             self.stats_head = NCMHead(self.num_features)
         self.task_classes: dict[int, list[int]] = {}
@@ -139,8 +142,13 @@ class ContinualViT(nn.Module):
             return
         was_training = self.training
         self.eval()
+        # Same class count on every rank, so the buffers can be all-reduced.
+        self.stats_head._grow(self.train_head.out_features)
+        before = {k: v.clone() for k, v in self.stats_head.statistics().items()}
         for x, y in batches:
             self.stats_head.update(self.features(x.to(self.device)), y.to(self.device))
+        for k, v in self.stats_head.statistics().items():
+            distributed.all_reduce_increment_(v, before[k])
         self.stats_head.fit()
         self.train(was_training)
 

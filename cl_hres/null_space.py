@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from cl_hres import distributed
 from cl_hres.config import NullSpaceConfig
 from cl_hres.experts import ExpertBank
 
@@ -205,10 +206,21 @@ class NullSpaceGuard:
     def collect(
         self, forward: Callable[[torch.Tensor], object], batches: Iterable[torch.Tensor]
     ) -> None:
-        """Runs ``forward`` over ``batches`` while recording, then refreshes the projectors."""
+        """Runs ``forward`` over ``batches`` while recording, then refreshes the projectors.
+
+        Under torch.distributed each rank records its shard; the increments are summed
+        over ranks before the projectors are computed, so every rank gets the same ones.
+        """
+        accs = self._ensure_accumulators()
+        before = [(a.sums.clone(), torch.tensor(a.counts, dtype=torch.float64)) for a in accs]
         with self.recording():
             for x in batches:
                 forward(x)
+        for acc, (sums, counts) in zip(accs, before):
+            distributed.all_reduce_increment_(acc.sums, sums)
+            now = torch.tensor(acc.counts, dtype=torch.float64)
+            distributed.all_reduce_increment_(now, counts)
+            acc.counts = [int(c) for c in now.tolist()]
         self.refresh()
 
     @torch.no_grad()

@@ -41,7 +41,8 @@ def plot_forgetting_curves(r: list[list[float]], path: Path, title: str) -> None
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.02)
     ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
+    if t > 1:
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -14,6 +14,7 @@ import torch
 from avalanche.core import SupervisedPlugin
 from torch.utils.data import DataLoader
 
+from cl_hres import distributed
 from cl_hres.config import NullSpaceConfig
 from cl_hres.errors import ClHresError
 from cl_hres.null_space import NullSpaceGuard
@@ -34,7 +35,7 @@ def experiences_in_training(strategy) -> list:
 
 def eval_batches(strategy, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(x, y)`` batches of the data just trained on, with eval transforms, in order."""
-    dataset = strategy.adapted_dataset.eval()
+    dataset = distributed.shard(strategy.adapted_dataset.eval())
     loader = DataLoader(dataset, batch_size=strategy.eval_mb_size, shuffle=False)
     seen = 0
     for batch in loader:

@@ -52,11 +52,17 @@ class RunConfig:
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N."})
     data_root: str = field(default="data", metadata={"help": "Where datasets live."})
     head: str = field(default="ridge", metadata={"help": "ridge, ncm or linear."})
-    ridge: float = field(default=1e-2, metadata={"help": "Relative ridge penalty."})
+    ridge: float | str = field(
+        default="auto",
+        metadata={"help": "Relative ridge penalty, or auto (GCV on the statistics)."},
+    )
+    ridge_projection: int = field(
+        default=0, metadata={"help": "Random ReLU projection width of the ridge head (0: none)."}
+    )
     rank: int = field(default=32, metadata={"help": "H-Res expert rank r."})
     scale: float = field(default=1.0, metadata={"help": "H-Res scale λ."})
     nsp_rule: str = field(default="relative", metadata={"help": "energy, ratio or relative."})
-    nsp_threshold: float = field(default=1e-6, metadata={"help": "Parameter of the rule."})
+    nsp_threshold: float = field(default=1e-10, metadata={"help": "Parameter of the rule."})
     nsp_eta: float = field(default=1.0, metadata={"help": "Projector relaxation η."})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
@@ -89,10 +95,19 @@ class RunConfig:
             _positive_int("experiences", self.experiences)
         if self.img_size is not None:
             _positive_int("img_size", self.img_size)
+        if (
+            isinstance(self.ridge_projection, bool)
+            or not isinstance(self.ridge_projection, int)
+            or self.ridge_projection < 0
+        ):
+            raise ConfigError(
+                f"ridge_projection must be an integer >= 0, got {self.ridge_projection!r}"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
-        for name in ("lr", "ridge"):
-            _positive_float(name, getattr(self, name))
+        _positive_float("lr", self.lr)
+        if self.ridge != "auto":
+            _positive_float("ridge", self.ridge)
         if (
             not _is_number(self.weight_decay)
             or not math.isfinite(self.weight_decay)
@@ -143,6 +158,10 @@ class RunConfig:
 
     def nsp_config(self) -> NullSpaceConfig:
         return NullSpaceConfig(rule=self.nsp_rule, threshold=self.nsp_threshold, eta=self.nsp_eta)
+
+    def ridge_value(self) -> float | None:
+        """The ridge penalty for the head: None means chosen by GCV."""
+        return None if self.ridge == "auto" else float(self.ridge)
 
     def method_config(self) -> HResConfig | LoRAConfig | VPTConfig | None:
         """The config the chosen strategy's method takes."""

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cl_hres import distributed
 from cl_hres.benchmarks import BENCHMARKS, load_benchmark_data
 from cl_hres.checkpoint import (
     atomic_write_text,
@@ -137,11 +138,12 @@ def _make_strategy(prep: Prepared, tb_dir: Path):
     from cl_hres.strategies import STRATEGIES
 
     cfg = prep.config
-    logger = TensorboardLogger(tb_log_dir=str(tb_dir))
+    # Only rank 0 writes TensorBoard events.
+    logger = TensorboardLogger(tb_log_dir=str(tb_dir)) if distributed.rank() == 0 else None
     evaluator = EvaluationPlugin(
         accuracy_metrics(experience=True, stream=True),
         loss_metrics(epoch=True),
-        loggers=[logger],
+        loggers=[logger] if logger else [],
     )
     strategy = STRATEGIES[cfg.strategy](
         model=prep.backbone,
@@ -153,10 +155,12 @@ def _make_strategy(prep: Prepared, tb_dir: Path):
         device=cfg.device,
         evaluator=evaluator,
         head=cfg.head,
-        ridge=cfg.ridge,
+        ridge=cfg.ridge_value(),
+        ridge_projection=cfg.ridge_projection,
         method_config=cfg.method_config(),
         nsp_config=cfg.nsp_config(),
         num_classes=prep.data.num_classes,
+        seed=cfg.seed,
         plugins=[FiniteLossPlugin()],
     )
     return strategy, logger
@@ -212,24 +216,32 @@ def execute(
     from cl_hres.plots import plot_forgetting_curves
 
     cfg = prep.config
+    main_rank = distributed.rank() == 0
     config_dict = cfg.to_dict()
     ckpt_dir = out / "checkpoints"
     state: dict[str, Any] = {"rows": [], "baseline": None, "train_seconds": [], "nsp_history": []}
     checkpoint = latest_checkpoint(ckpt_dir) if resume else None
     loaded = load_checkpoint(checkpoint, config_dict) if checkpoint else None
-    if overwrite:
+    if overwrite and main_rank:
         for name in OUTPUT_FILES:
             target = out / name
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(
                 missing_ok=True
             )
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.json", json.dumps(config_dict, indent=1))
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.json", json.dumps(config_dict, indent=1))
 
     seed_everything(cfg.seed)
     bm = build_stream(prep.data, experiences=prep.experiences, scenario=cfg.scenario, seed=cfg.seed)
     strategy, logger = _make_strategy(prep, out / "tensorboard")
     model = strategy.model
+    sizes = [len(exp.dataset) for exp in bm.test_stream]
+
+    def evaluate() -> list[float]:
+        row = accuracy_row_from_results(strategy.eval(bm.test_stream), prep.experiences)
+        return distributed.gather_accuracy(row, sizes)
+
     joint = cfg.strategy == "joint"
     steps = 1 if joint else prep.experiences
     if loaded is not None:
@@ -264,26 +276,28 @@ def execute(
         t0 = time.perf_counter()
         strategy.train(bm.train_stream if joint else bm.train_stream[i])
         state["train_seconds"].append(time.perf_counter() - t0)
-        row = accuracy_row_from_results(strategy.eval(bm.test_stream), prep.experiences)
+        row = evaluate()
         state["rows"].append(row)
         if strategy.nsp_plugin is not None:
             state["nsp_history"] = strategy.nsp_plugin.history
-        writer = logger.writer
-        for j, acc in enumerate(row):
-            writer.add_scalar(f"cl/accuracy_exp{j:03d}", acc, i)
-        writer.add_scalar("cl/average_accuracy_seen", float(np.mean(row[: i + 1])), i)
-        writer.flush()
-        save_checkpoint(
-            ckpt_dir,
-            i,
-            model=model,
-            nsp_state=_nsp_state(strategy),
-            state=dict(state, config=config_dict),
-        )
+        if main_rank:
+            writer = logger.writer
+            for j, acc in enumerate(row):
+                writer.add_scalar(f"cl/accuracy_exp{j:03d}", acc, i)
+            writer.add_scalar("cl/average_accuracy_seen", float(np.mean(row[: i + 1])), i)
+            writer.flush()
+            save_checkpoint(
+                ckpt_dir,
+                i,
+                model=model,
+                nsp_state=_nsp_state(strategy),
+                state=dict(state, config=config_dict),
+            )
         bar.update(1)
         bar.set_postfix(avg_acc=f"{np.mean(row[: i + 1]):.3f}")
     bar.close()
-    logger.writer.close()
+    if logger is not None:
+        logger.writer.close()
 
     r = state["rows"]
     results: dict[str, Any] = {
@@ -318,7 +332,10 @@ def execute(
         },
         "config": config_dict,
         "versions": _versions(),
+        "world_size": distributed.world_size(),
     }
+    if not main_rank:
+        return results
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     plot_forgetting_curves(
         r,
@@ -337,6 +354,13 @@ def run(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Validates, then executes one run (the ``cl-hres run`` command)."""
+    # Avalanche builds a logger at import time, which it refuses on a non-main rank once a
+    # process group exists: import it before joining the group.
+    import cl_hres.strategies  # noqa: F401
+
+    config.device = distributed.init_from_env(config.device)
     check_output_dir(out, resume=resume, overwrite=overwrite)
     prep = prepare(config)
+    # Every rank has checked --out before rank 0 writes into it.
+    distributed.barrier()
     return execute(prep, out, resume=resume, overwrite=overwrite, progress=progress)

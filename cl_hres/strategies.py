@@ -17,7 +17,9 @@ from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.supervised import JointTraining
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
 
+from cl_hres import distributed
 from cl_hres.config import HResConfig, LoRAConfig, NullSpaceConfig, VPTConfig
 from cl_hres.errors import ConfigError
 from cl_hres.model import ContinualViT
@@ -77,10 +79,12 @@ class _ViTStrategy(SupervisedTemplate):
         evaluator: Any = default_evaluator,
         eval_every: int = -1,
         head: str = "ridge",
-        ridge: float = 1e-2,
+        ridge: float | None = None,
+        ridge_projection: int = 0,
         method_config: HResConfig | LoRAConfig | VPTConfig | None = None,
         nsp_config: NullSpaceConfig | None = None,
         num_classes: int = 0,
+        seed: int = 0,
         **kwargs: Any,
     ) -> None:
         """Init.
@@ -100,10 +104,12 @@ class _ViTStrategy(SupervisedTemplate):
             evaluator: Avalanche EvaluationPlugin.
             eval_every: As in Avalanche.
             head: Evaluation head protocol: ``ridge``, ``ncm`` or ``linear``.
-            ridge: Relative ridge penalty of the ``ridge`` head.
+            ridge: Relative ridge penalty of the ``ridge`` head; None: chosen by GCV.
+            ridge_projection: Width of the ridge head's random ReLU projection (0: none).
             method_config: Config of the strategy's method (HRes/LoRA/VPT).
             nsp_config: Null-space rule for the ``*-nsp`` strategies.
             num_classes: Classes known up front (optional; the head grows as needed).
+            seed: Seed of the training data order (with the experience and epoch).
             **kwargs: Passed on to the Avalanche template.
         """
         if isinstance(model, ContinualViT):
@@ -122,6 +128,7 @@ class _ViTStrategy(SupervisedTemplate):
                 expert_per_experience=self.expert_per_experience,
                 head=head,
                 ridge=ridge,
+                ridge_projection=ridge_projection,
                 num_classes=num_classes,
             )
         if optimizer is None:
@@ -131,6 +138,8 @@ class _ViTStrategy(SupervisedTemplate):
         else:
             opt_type, defaults = type(optimizer), dict(optimizer.defaults)
             self._optimizer_factory = lambda params: opt_type(params, **defaults)
+        self.seed = seed
+        self._ddp: nn.Module | None = None
         own: list[Any] = [ContinualViTPlugin()]
         self.nsp_plugin: NullSpaceProjectionPlugin | None = None
         if self.uses_nsp:
@@ -155,7 +164,8 @@ class _ViTStrategy(SupervisedTemplate):
         # Task labels reach the model whenever batches carry them (x, y, t): the model
         # decides whether they restrict the classes.
         task_labels = self.mbatch[2] if len(self.mbatch) >= 3 else None
-        return self.model(self.mb_x, task_labels=task_labels)
+        model = self._ddp if (self._ddp is not None and self.is_training) else self.model
+        return model(self.mb_x, task_labels=task_labels)
 
     def make_optimizer(self, **kwargs: Any) -> None:
         # Avalanche's default hands frozen parameters to the optimizer too and mis-assigns
@@ -164,6 +174,69 @@ class _ViTStrategy(SupervisedTemplate):
         params = self.model.trainable_parameters()
         if params:
             self.optimizer = self._optimizer_factory(params)
+        if distributed.is_distributed() and params:
+            # Rebuilt per experience: DDP needs a fixed set of trainable parameters.
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.model.device.index] if self.model.device.type == "cuda" else None
+            self._ddp = DistributedDataParallel(self.model, device_ids=ids)
+
+    def make_train_dataloader(
+        self,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = False,
+        drop_last: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        # A DistributedSampler in every case (one replica when alone): its order depends
+        # only on (seed, experience, epoch), so a resumed run replays it exactly and N
+        # processes see, batch for batch, the same images as one process.
+        world = distributed.world_size()
+        sampler = DistributedSampler(
+            self.adapted_dataset,
+            num_replicas=world,
+            rank=distributed.rank(),
+            shuffle=shuffle,
+            seed=self.seed,
+        )
+        self.dataloader = DataLoader(
+            self.adapted_dataset,
+            batch_size=max(1, self.train_mb_size // world),
+            sampler=sampler,
+            num_workers=num_workers,
+            drop_last=drop_last,
+            collate_fn=getattr(self.adapted_dataset, "collate_fn", None),
+        )
+
+    def _before_training_epoch(self, **kwargs: Any) -> None:
+        index = getattr(self.experience, "current_experience", 0)
+        self.dataloader.sampler.set_epoch(1000 * index + self.clock.train_exp_epochs)
+        super()._before_training_epoch(**kwargs)
+
+    def make_eval_dataloader(
+        self,
+        num_workers: int = 0,
+        shuffle: bool = False,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if not distributed.is_distributed():
+            return super().make_eval_dataloader(
+                num_workers=num_workers,
+                shuffle=shuffle,
+                pin_memory=pin_memory,
+                persistent_workers=persistent_workers,
+                **kwargs,
+            )
+        self.dataloader = DataLoader(
+            distributed.shard(self.adapted_dataset),
+            batch_size=self.eval_mb_size,
+            shuffle=False,
+            collate_fn=getattr(self.adapted_dataset, "collate_fn", None),
+        )
 
 
 @register_strategy("hres-nsp")

@@ -1,0 +1,210 @@
+"""``cl-hres analyze``: measure the paper's claims on a trained run.
+
+For a run directory (``results.json`` + last checkpoint) it reports:
+
+* null-space dimension per adapted block after every experience, and the measured
+  interference (relative change of old experiences' probe features), from the run;
+* per block, the entropy of the cls token's attention distribution and the sequence
+  length, for the frozen backbone, the trained model, and optionally a second run (e.g.
+  VPT), on the same test images. The paper claims H-Res leaves both unchanged and VPT
+  raises the entropy;
+* a neural-collapse figure, ``tr(S_W) / tr(S_B)`` (within- over between-class scatter of
+  the pre-logits features on the test data) before (frozen) and after adaptation.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.models.vision_transformer import Attention
+from torch import nn
+
+from cl_hres.checkpoint import (
+    atomic_write_text,
+    latest_checkpoint,
+    load_checkpoint,
+    rebuild_structure,
+)
+from cl_hres.errors import CheckpointError
+from cl_hres.model import ContinualViT
+
+__all__ = ["analyze_run", "attention_statistics", "collapse_ratio", "load_trained_model"]
+
+
+@contextmanager
+def _capture_attention(backbone: nn.Module, prefix_tokens: int):
+    """Records per Attention module: mean entropy of the query-0 row, and sequence length."""
+    records: list[dict[str, float]] = []
+    handles = []
+
+    def hook(module: Attention, args: tuple) -> None:
+        x = args[0]
+        b, n, _ = x.shape
+        qkv = (
+            module.qkv(x).reshape(b, n, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4)
+        )
+        q, k = module.q_norm(qkv[0]), module.k_norm(qkv[1])
+        probs = ((q * module.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, N)
+        # The cls token's query row when there is one, else the mean over query rows.
+        rows = probs[:, :, 0] if prefix_tokens else probs.mean(dim=2)
+        entropy = -(rows * rows.clamp_min(1e-30).log()).sum(-1)
+        records.append({"entropy": float(entropy.mean()), "sequence_length": n})
+
+    for m in backbone.modules():
+        if isinstance(m, Attention):
+            handles.append(m.register_forward_pre_hook(hook))
+    try:
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def attention_statistics(model: nn.Module, x: torch.Tensor) -> list[dict[str, float]]:
+    """Per block: cls attention entropy (nats) and sequence length for images ``x``."""
+    backbone = model.backbone if isinstance(model, ContinualViT) else model
+    backbone.eval()
+    with _capture_attention(backbone, backbone.num_prefix_tokens) as records:
+        backbone.forward_features(x)
+    return list(records)
+
+
+def _features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(model, ContinualViT):
+        return model.features(x)
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+@torch.no_grad()
+def collapse_ratio(features: torch.Tensor, labels: torch.Tensor) -> float:
+    """``tr(S_W) / tr(S_B)``: smaller means tighter, better separated classes (NC1)."""
+    f = features.double()
+    mean = f.mean(0)
+    within, between = 0.0, 0.0
+    for c in labels.unique():
+        fc = f[labels == c]
+        mc = fc.mean(0)
+        within += float(((fc - mc) ** 2).sum())
+        between += float(len(fc) * ((mc - mean) ** 2).sum())
+    return within / max(between, 1e-30)
+
+
+def load_trained_model(run_dir: Path) -> tuple[ContinualViT, Any, dict[str, Any]]:
+    """Rebuilds a run's final model from its checkpoint; returns (model, prepared, results)."""
+    from cl_hres.run_config import RunConfig
+    from cl_hres.runner import prepare
+    from cl_hres.strategies import STRATEGIES
+
+    results_path = run_dir / "results.json"
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if not results_path.is_file() or ckpt is None:
+        raise CheckpointError(
+            f"{run_dir}: not a finished cl-hres run (results.json and checkpoints/)"
+        )
+    results = json.loads(results_path.read_text())
+    config = RunConfig.from_dict(results["config"], source=str(results_path))
+    config.device = "cpu"
+    prep = prepare(config)
+    state, tensors, _ = load_checkpoint(ckpt, results["config"])
+    cls = STRATEGIES[config.strategy]
+    # prepare() rebuilt the seeded backbone; keep a frozen copy for the "before" figures.
+    frozen = prepare(RunConfig.from_dict(dict(config.to_dict()))).backbone.eval()
+    model = ContinualViT(
+        prep.backbone,
+        method=cls.method,
+        method_config=config.method_config(),
+        expert_per_experience=cls.expert_per_experience,
+        head=config.head,
+        ridge=config.ridge_value(),
+        ridge_projection=config.ridge_projection,
+        num_classes=prep.data.num_classes,
+    )
+    rebuild_structure(model, state["structure"])
+    model.load_state_dict(tensors)
+    model.eval()
+    prep.backbone = frozen
+    return model, prep, results
+
+
+def _test_batch(prep, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    loader = torch.utils.data.DataLoader(prep.data.test, batch_size=limit, shuffle=False)
+    xs, ys = [], []
+    for batch in loader:
+        xs.append(batch[0])
+        ys.append(torch.as_tensor(batch[1]))
+        break
+    return torch.cat(xs), torch.cat(ys)
+
+
+def analyze_run(
+    run_dir: Path, *, other_run: Path | None = None, images: int = 256
+) -> dict[str, Any]:
+    """Computes every figure above and writes ``analysis.json`` / ``analysis.md`` into ``run_dir``."""
+    model, prep, results = load_trained_model(run_dir)
+    x, y = _test_batch(prep, images)
+    frozen = prep.backbone
+    report: dict[str, Any] = {
+        "run": str(run_dir),
+        "strategy": results["strategy"],
+        "images": int(x.shape[0]),
+        "null_space": results.get("null_space"),
+        "attention": {
+            "frozen": attention_statistics(frozen, x),
+            results["strategy"]: attention_statistics(model, x),
+        },
+        "neural_collapse": {
+            "frozen": collapse_ratio(_features(frozen, x), y),
+            results["strategy"]: collapse_ratio(_features(model, x), y),
+        },
+    }
+    if other_run is not None:
+        other, _, other_results = load_trained_model(other_run)
+        if other_results["config"]["benchmark"] != results["config"]["benchmark"]:
+            raise CheckpointError(f"{other_run}: a run on another benchmark cannot be compared")
+        name = other_results["strategy"]
+        report["attention"][name] = attention_statistics(other, x)
+        report["neural_collapse"][name] = collapse_ratio(_features(other, x), y)
+    atomic_write_text(run_dir / "analysis.json", json.dumps(report, indent=1))
+    atomic_write_text(run_dir / "analysis.md", analysis_markdown(report))
+    return report
+
+
+def analysis_markdown(report: dict[str, Any]) -> str:
+    """A short human-readable report."""
+    lines = [
+        f"# Analysis of {report['run']} ({report['strategy']}, {report['images']} test images)",
+        "",
+    ]
+    lines += ["## CLS attention entropy (nats) and sequence length per block", ""]
+    names = list(report["attention"])
+    lines.append("| block | " + " | ".join(f"{n} entropy | {n} tokens" for n in names) + " |")
+    lines.append("|---" * (1 + 2 * len(names)) + "|")
+    for b in range(len(report["attention"][names[0]])):
+        cells = []
+        for n in names:
+            rec = report["attention"][n][b]
+            cells += [f"{rec['entropy']:.4f}", str(rec["sequence_length"])]
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Neural collapse tr(S_W)/tr(S_B) on test features (lower = more collapsed)",
+        "",
+    ]
+    for n, v in report["neural_collapse"].items():
+        lines.append(f"- {n}: {v:.4f}")
+    if report["null_space"]:
+        lines += ["", "## Null space and measured interference per experience", ""]
+        lines.append(
+            "| after exp | null-space dim per block (of input dim) | max interference on old exps |"
+        )
+        lines.append("|---|---|---|")
+        for h in report["null_space"]:
+            worst = max(h["interference"].values(), default=0.0)
+            dims = ", ".join(f"{d}/{i}" for d, i in zip(h["null_space_dims"], h["input_dims"]))
+            lines.append(f"| {h['experience'] + 1} | {dims} | {worst:.2e} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,162 @@
+"""Hyper-parameter sweep on VALIDATION data (held out from the training split).
+
+Runs the cartesian product of a grid with `cl_hres` in-process, never touching the test
+split (`--validation` > 0 is enforced), and writes `sweep.json`, `sweep.md` and, with
+`--plot-x`, a stability–plasticity plot (final accuracy and forgetting vs that option).
+
+Example (the NSP threshold sweep in results/):
+    python scripts/sweep.py --out results/sweeps/nsp-threshold \
+        --grid '{"nsp_threshold": [1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-10]}' \
+        --base '{"strategy": "hres-nsp"}' --seeds 0,1 --plot-x nsp_threshold
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from cl_hres.compare import _mean_std
+from cl_hres.run_config import RunConfig
+from cl_hres.runner import execute, prepare
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--grid", required=True, help="JSON: option -> list of values")
+    p.add_argument("--base", default="{}", help="JSON: fixed options")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds")
+    p.add_argument("--validation", type=float, default=0.2, help="train fraction held out")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--plot-x", help="option on the x axis of the stability-plasticity plot")
+    args = p.parse_args()
+    if not 0 < args.validation < 1:
+        p.error("--validation must be in (0, 1): sweeps never look at the test split")
+    grid, base = json.loads(args.grid), json.loads(args.base)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    keys = list(grid)
+    for values in itertools.product(*(grid[k] for k in keys)):
+        point = dict(zip(keys, values))
+        runs = []
+        for seed in seeds:
+            cfg = RunConfig.from_dict(dict(base, **point, seed=seed, validation=args.validation))
+            name = "_".join(f"{k}={v}" for k, v in point.items()) + f"_seed{seed}"
+            res = execute(prepare(cfg), args.out / "runs" / name, overwrite=True, progress=False)
+            runs.append(res)
+        worst = [
+            max((max(h["interference"].values(), default=0) for h in r["null_space"]), default=0)
+            for r in runs
+            if r["null_space"]
+        ]
+        row = {
+            "point": point,
+            "final_average_accuracy": _mean_std([r["final_average_accuracy"] for r in runs]),
+            "forgetting": _mean_std([r["forgetting"] for r in runs]),
+            "max_interference": _mean_std(worst) if worst else None,
+            "mean_null_dim_fraction": _mean_std(
+                [
+                    sum(
+                        d / i
+                        for d, i in zip(
+                            r["null_space"][-1]["null_space_dims"],
+                            r["null_space"][-1]["input_dims"],
+                        )
+                    )
+                    / len(r["null_space"][-1]["input_dims"])
+                    for r in runs
+                    if r["null_space"]
+                ]
+            )
+            if runs[0]["null_space"]
+            else None,
+        }
+        rows.append(row)
+        print(
+            json.dumps(
+                {
+                    "point": point,
+                    "final": row["final_average_accuracy"]["mean"],
+                    "forgetting": row["forgetting"]["mean"],
+                }
+            ),
+            flush=True,
+        )
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    (args.out / "sweep.json").write_text(
+        json.dumps(
+            {
+                "command": command,
+                "grid": grid,
+                "base": base,
+                "seeds": seeds,
+                "validation": args.validation,
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
+    lines = [
+        f"Command: `{command}`",
+        "",
+        f"Evaluated on a {args.validation:.0%} validation split of the training data; seeds {seeds}.",
+        "",
+    ]
+    lines.append(
+        "| "
+        + " | ".join(keys)
+        + " | final acc (%) | forgetting (pp) | max interference | null-space fraction |"
+    )
+    lines.append("|---" * (len(keys) + 4) + "|")
+    for row in rows:
+
+        def f(c, k=100):
+            return (
+                "–" if not c or c["mean"] is None else f"{k * c['mean']:.2f} ± {k * c['std']:.2f}"
+            )
+
+        inter = row["max_interference"]
+        lines.append(
+            "| "
+            + " | ".join(str(row["point"][k]) for k in keys)
+            + f" | {f(row['final_average_accuracy'])} | {f(row['forgetting'])} | {'–' if not inter else format(inter['mean'], '.2e')} | {f(row['mean_null_dim_fraction'], 1)} |"
+        )
+    (args.out / "sweep.md").write_text("\n".join(lines) + "\n")
+    if args.plot_x:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        xs = [row["point"][args.plot_x] for row in rows]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.errorbar(
+            xs,
+            [100 * r["final_average_accuracy"]["mean"] for r in rows],
+            yerr=[100 * r["final_average_accuracy"]["std"] for r in rows],
+            marker="o",
+            label="final accuracy (%)",
+        )
+        ax.errorbar(
+            xs,
+            [100 * r["forgetting"]["mean"] for r in rows],
+            yerr=[100 * r["forgetting"]["std"] for r in rows],
+            marker="s",
+            label="forgetting (pp)",
+        )
+        if all(isinstance(x, (int, float)) for x in xs) and min(xs) > 0 and max(xs) / min(xs) > 50:
+            ax.set_xscale("log")
+        ax.set_xlabel(args.plot_x)
+        ax.set_title(f"stability–plasticity ({base.get('strategy', 'hres-nsp')}, validation)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.out / "stability_plasticity.png", dpi=120)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,118 @@
+"""Statistics heads and the analysis command."""
+
+import json
+
+import pytest
+import torch
+
+from cl_hres.analysis import collapse_ratio
+from cl_hres.cli import main
+from cl_hres.heads import NCMHead, RidgeHead
+
+
+def _blobs(n=60, d=6, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = 4 * torch.randn(classes, d, generator=g)
+    y = torch.arange(n) % classes
+    return centres[y] + torch.randn(n, d, generator=g), y
+
+
+@pytest.mark.parametrize(
+    "head", [RidgeHead(6, ridge=1e-3), RidgeHead(6, ridge=1e-3, projection=64), NCMHead(6)]
+)
+def test_heads_separate_blobs_and_accumulate_in_chunks(head):
+    x, y = _blobs()
+    head.update(x[:30], y[:30])
+    head.update(x[30:], y[30:])
+    head.fit()
+    assert (head(x).argmax(1) == y).float().mean() > 0.95
+    one = (
+        type(head)(6)
+        if isinstance(head, NCMHead)
+        else RidgeHead(
+            6, ridge=1e-3, projection=head.num_features if head.projection is not None else 0
+        )
+    )
+    one.update(x, y)
+    one.fit()
+    torch.testing.assert_close(one(x), head(x), rtol=1e-4, atol=1e-4)
+
+
+def test_ridge_matches_closed_form_with_intercept():
+    x, y = _blobs(d=4)
+    head = RidgeHead(4, ridge=0.5)
+    head.update(x, y)
+    head.fit()
+    xd, yd = x.double(), torch.nn.functional.one_hot(y).double()
+    xc, yc = xd - xd.mean(0), yd - yd.mean(0)
+    lam = 0.5 * torch.trace(xc.T @ xc) / 4
+    w = torch.linalg.solve(xc.T @ xc + lam * torch.eye(4, dtype=torch.float64), xc.T @ yc)
+    b = yd.mean(0) - xd.mean(0) @ w
+    torch.testing.assert_close(head(x).double(), xd @ w + b, rtol=1e-4, atol=1e-4)
+
+
+def test_unseen_classes_score_minus_inf():
+    x, y = _blobs()
+    head = RidgeHead(6)
+    head.update(x, y + 2)  # classes 0 and 1 never seen
+    head.fit()
+    assert torch.isinf(head(x)[:, :2]).all()
+
+
+def test_collapse_ratio_orders_tight_and_loose_clusters():
+    x, y = _blobs()
+    tight = collapse_ratio(x, y)
+    assert tight < collapse_ratio(x + 5 * torch.randn_like(x), y)
+
+
+def test_analyze_reports_claims_on_a_tiny_run(tmp_path, capsys):
+    small = ["--epochs", "1", "--experiences", "2", "--no-progress"]
+    main(["run", "--out", str(tmp_path / "h"), *small])
+    main(["run", "--out", str(tmp_path / "v"), "--strategy", "vpt", "--vpt-length", "3", *small])
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "analyze",
+                "--run",
+                str(tmp_path / "h"),
+                "--other-run",
+                str(tmp_path / "v"),
+                "--images",
+                "32",
+            ]
+        )
+        == 0
+    )
+    report = json.loads((tmp_path / "h" / "analysis.json").read_text())
+    att = report["attention"]
+    assert set(att) == {"frozen", "hres-nsp", "vpt"}
+    depth = len(att["frozen"])
+    assert depth == 4 and all(len(att[k]) == depth for k in att)
+    # H-Res never adds tokens; VPT adds its prompts to every block's sequence.
+    assert [r["sequence_length"] for r in att["hres-nsp"]] == [
+        r["sequence_length"] for r in att["frozen"]
+    ]
+    assert all(
+        v["sequence_length"] == f["sequence_length"] + 3 for v, f in zip(att["vpt"], att["frozen"])
+    )
+    # The first block sees the frozen model's input, so its attention is identical.
+    assert att["hres-nsp"][0]["entropy"] == pytest.approx(att["frozen"][0]["entropy"], abs=1e-6)
+    assert set(report["neural_collapse"]) == {"frozen", "hres-nsp", "vpt"}
+    assert len(report["null_space"]) == 2
+    assert "CLS attention entropy" in (tmp_path / "h" / "analysis.md").read_text()
+    assert main(["analyze", "--run", str(tmp_path / "missing")]) == 2
+
+
+def test_gcv_regularises_more_when_data_are_scarce():
+    g = torch.Generator().manual_seed(0)
+    many = RidgeHead(20)
+    x, y = _blobs(n=2000, d=20)
+    many.update(x, y)
+    many.fit()
+    few = RidgeHead(20)
+    xs = torch.randn(30, 20, generator=g)  # pure noise features, n ≈ d
+    few.update(xs, torch.arange(30) % 3)
+    few.fit()
+    assert many.chosen_ridge in RidgeHead.GRID and few.chosen_ridge in RidgeHead.GRID
+    assert few.chosen_ridge > many.chosen_ridge
