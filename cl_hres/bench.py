@@ -16,6 +16,7 @@ LoRA's rank is chosen so that its trainable parameters match H-Res's (equal budg
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -133,9 +134,12 @@ def run_bench(
     iters: int = 5,
     warmup: int = 2,
     autocast: bool = False,
+    batch_size: int | None = None,
 ) -> dict[str, Any]:
     """Measures everything listed in the module docstring; returns a JSON-able dict."""
     cfg = BENCH_CONFIGS[config]
+    if batch_size is not None:
+        cfg = dataclasses.replace(cfg, batch_size=batch_size)
     dev = torch.device(device)
     num_classes = 10
     g = torch.Generator().manual_seed(0)

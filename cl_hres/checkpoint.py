@@ -71,7 +71,7 @@ def model_structure(model: ContinualViT) -> dict[str, Any]:
     return {
         "experts": [b.num_experts for b in model.banks],
         "head_classes": model.train_head.out_features,
-        "stats_classes": model.stats_head.num_classes if model.stats_head is not None else 0,
+        "stats_heads": {k: h.num_classes for k, h in model.stats_heads.items()},
         "task_classes": {str(k): v for k, v in model.task_classes.items()},
         "experiences_seen": model.experiences_seen,
     }
@@ -85,12 +85,12 @@ def rebuild_structure(model: ContinualViT, meta: dict[str, Any]) -> None:
         while bank.num_experts < count:
             bank.add_expert(device=model.device)
     model._grow_head(meta["head_classes"])
-    if model.stats_head is not None:
-        model.stats_head._grow(meta["stats_classes"])
-        if hasattr(model.stats_head, "weight"):
-            n = meta["stats_classes"]
-            model.stats_head.weight = torch.zeros(n, model.num_features, device=model.device)
-            model.stats_head.bias = torch.zeros(n, device=model.device)
+    for key, n in meta["stats_heads"].items():
+        head = model.stats_head(int(key))
+        head._grow(n)
+        if hasattr(head, "weight"):
+            head.weight = torch.zeros(n, head.num_features, device=model.device)
+            head.bias = torch.zeros(n, device=model.device)
     model.task_classes = {int(k): v for k, v in meta["task_classes"].items()}
     model.experiences_seen = meta["experiences_seen"]
 

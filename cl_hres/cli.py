@@ -103,6 +103,7 @@ def _add_run_options(p: argparse.ArgumentParser, *, with_strategy: bool = True) 
         default=None,
         help=_help("pretrained"),
     )
+    p.add_argument("--bf16", dest="bf16", action="store_true", default=None, help=_help("bf16"))
     p.add_argument("--config", type=Path, help="YAML run recipe; command-line options override it")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
@@ -141,6 +142,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     bench_p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     bench_p.add_argument("--iters", type=int, default=5, help="timed iterations (median)")
+    bench_p.add_argument("--batch-size", type=int, help="override the configuration's batch")
     bench_p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     bench_p.add_argument("--out", type=Path, required=True, help="writes bench.json and bench.md")
     return parser
@@ -152,6 +154,7 @@ def _config_from_args(args: argparse.Namespace) -> Any:
     values: dict[str, Any] = load_yaml_config(args.config) if args.config else {}
     given = {dest: getattr(args, dest, None) for _, dest, _ in _RUN_OPTIONS}
     given["pretrained"] = args.pretrained
+    given["bf16"] = args.bf16
     values.update({k: v for k, v in given.items() if v is not None})
     if getattr(args, "resume", False) and (args.out / "config.json").is_file():
         import json
@@ -243,8 +246,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.iters < 1:
         raise ConfigError(f"--iters must be a positive integer, got {args.iters}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be a positive integer, got {args.batch_size}")
     RunConfig(device=args.device).check_device()
-    results = run_bench(args.config, device=args.device, iters=args.iters, autocast=args.bf16)
+    results = run_bench(
+        args.config,
+        device=args.device,
+        iters=args.iters,
+        autocast=args.bf16,
+        batch_size=args.batch_size,
+    )
     write_bench(results, args.out)
     print(markdown(results), end="")
     return 0

@@ -53,6 +53,8 @@ class StatisticsHead(nn.Module):
     @torch.no_grad()
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Adds a batch of features ``(B, D)`` with integer labels ``(B,)``."""
+        if labels.numel() == 0:
+            return
         self._grow(int(labels.max().item()) + 1)
         f = features.double()
         self.class_sums.index_add_(0, labels, f)
@@ -119,6 +121,8 @@ class RidgeHead(StatisticsHead):
 
     @torch.no_grad()
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        if labels.numel() == 0:
+            return
         features = self._lift(features)
         super().update(features, labels)
         f = features.double()

@@ -76,13 +76,23 @@ def forward_transfer(r: Sequence[Sequence[float]], baseline: Sequence[float]) ->
 
 
 def summarise(
-    r: Sequence[Sequence[float]], baseline: Sequence[float] | None, scenario: str
+    r: Sequence[Sequence[float]],
+    baseline: Sequence[float] | None,
+    scenario: str,
+    head: str = "linear",
 ) -> dict[str, float | None]:
-    """All metrics of a run; ``fwt`` only for task-incremental streams (else None)."""
+    """All metrics of a run.
+
+    ``fwt`` is None unless the stream is task-incremental and the head is ``linear``: a
+    statistics head (ridge, NCM) has no classifier for a task before that task's data
+    have been seen, so ``R[j-1][j]`` measures a missing head, not transfer.
+    """
     return {
         "final_average_accuracy": final_average_accuracy(r),
         "average_incremental_accuracy": average_incremental_accuracy(r),
         "forgetting": forgetting(r),
         "bwt": backward_transfer(r),
-        "fwt": forward_transfer(r, baseline) if scenario == "task" and baseline else None,
+        "fwt": forward_transfer(r, baseline)
+        if scenario == "task" and head == "linear" and baseline
+        else None,
     }

@@ -80,13 +80,14 @@ class ContinualViT(nn.Module):
             self.method_config = None
         self.num_features = self.backbone.num_features
         self.train_head = nn.Linear(self.num_features, num_classes)
-        self.stats_head: StatisticsHead | None = None
-        if head == "ridge":
-            self.stats_head = RidgeHead(self.num_features, ridge=ridge, projection=ridge_projection)
-        elif head == "ncm":
-            self.stats_head = NCMHead(self.num_features)
+        # One statistics head per task label: a class-incremental stream has only task 0;
+        # in a task-incremental stream each task's head sees only its own data, so it
+        # never changes after its task (its features do not move under NSP).
+        self._head_args = {"ridge": ridge, "projection": ridge_projection}
+        self.stats_heads = nn.ModuleDict()
         self.task_classes: dict[int, list[int]] = {}
         self.current_classes: list[int] = []
+        self.current_tasks: list[int] = []
         self.experiences_seen = 0
         self.train()
 
@@ -99,6 +100,19 @@ class ContinualViT(nn.Module):
         super().train(mode)
         self.backbone.eval()
         return self
+
+    def stats_head(self, task: int) -> StatisticsHead | None:
+        """The statistics head of ``task`` (created on first use; None for ``linear``)."""
+        if self.head_kind == "linear":
+            return None
+        key = str(task)
+        if key not in self.stats_heads:
+            if self.head_kind == "ridge":
+                head = RidgeHead(self.num_features, **self._head_args)
+            else:
+                head = NCMHead(self.num_features)
+            self.stats_heads[key] = head.to(self.device)
+        return self.stats_heads[key]
 
     def ensure_classes(self, num_classes: int) -> None:
         """Makes the logits cover class ids ``< num_classes`` (unseen ones stay ``-inf``)."""
@@ -121,8 +135,10 @@ class ContinualViT(nn.Module):
             experiences: ``(classes, task_labels)`` of each experience trained now.
         """
         self.current_classes = []
+        self.current_tasks = []
         for classes, task_labels in experiences:
             classes = sorted(int(c) for c in classes)
+            self.current_tasks = sorted(set(self.current_tasks) | {int(t) for t in task_labels})
             for t in task_labels:
                 known = set(self.task_classes.get(int(t), []))
                 self.task_classes[int(t)] = sorted(known | set(classes))
@@ -136,20 +152,30 @@ class ContinualViT(nn.Module):
         self.experiences_seen += 1
 
     @torch.no_grad()
-    def end_experience(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Adds the features of an experience's training data to the statistics head."""
-        if self.stats_head is None:
+    def end_experience(
+        self, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    ) -> None:
+        """Adds an experience's training features ``(x, y, task)`` to the statistics heads."""
+        if self.head_kind == "linear":
             return
         was_training = self.training
         self.eval()
-        # Same class count on every rank, so the buffers can be all-reduced.
-        self.stats_head._grow(self.train_head.out_features)
-        before = {k: v.clone() for k, v in self.stats_head.statistics().items()}
-        for x, y in batches:
-            self.stats_head.update(self.features(x.to(self.device)), y.to(self.device))
-        for k, v in self.stats_head.statistics().items():
-            distributed.all_reduce_increment_(v, before[k])
-        self.stats_head.fit()
+        heads = {t: self.stats_head(t) for t in self.current_tasks}
+        before = {}
+        for t, head in heads.items():
+            # Same class count on every rank, so the buffers can be all-reduced.
+            head._grow(self.train_head.out_features)
+            before[t] = {k: v.clone() for k, v in head.statistics().items()}
+        for x, y, task in batches:
+            f = self.features(x.to(self.device)).float()
+            y, task = y.to(self.device), task.to(self.device)
+            for t, head in heads.items():
+                rows = task == t
+                head.update(f[rows], y[rows])
+        for t, head in heads.items():
+            for k, v in head.statistics().items():
+                distributed.all_reduce_increment_(v, before[t][k])
+            head.fit()
         self.train(was_training)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -194,6 +220,24 @@ class ContinualViT(nn.Module):
         rows = table[labels.clamp_max(table.shape[0] - 1)]
         return torch.where(known.unsqueeze(1), rows, table.any(0).expand(batch, -1))
 
+    def _stats_logits(self, f: torch.Tensor, task_labels: torch.Tensor | None) -> torch.Tensor:
+        width = max(
+            [self.train_head.out_features, *(h.num_classes for h in self.stats_heads.values())]
+        )
+        logits = f.new_full((f.shape[0], width), float("-inf"))
+        heads = dict(self.stats_heads.items())
+        if task_labels is None or len(heads) == 1:
+            groups = {next(iter(heads)): torch.ones(f.shape[0], dtype=torch.bool, device=f.device)}
+        else:
+            labels = task_labels.to(f.device)
+            groups = {str(int(t)): labels == t for t in labels.unique()}
+        for key, rows in groups.items():
+            # A task never trained falls back to the first head (its logits are masked).
+            head = heads.get(key, next(iter(heads.values())))
+            if head.num_classes:
+                logits[rows, : head.num_classes] = head(f[rows])
+        return logits
+
     def forward(self, x: torch.Tensor, task_labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits over every class id seen; classes outside the task are ``-inf``.
 
@@ -202,15 +246,13 @@ class ContinualViT(nn.Module):
         pushed down). In eval mode the configured head is used.
         """
         f = self.features(x)
-        if self.training or self.stats_head is None or self.stats_head.num_classes == 0:
+        if self.training or not self.stats_heads:
             logits = self.train_head(f)
         else:
-            logits = self.stats_head(f)
-            if logits.shape[1] < self.train_head.out_features:
-                pad = logits.new_full(
-                    (logits.shape[0], self.train_head.out_features - logits.shape[1]), float("-inf")
-                )
-                logits = torch.cat([logits, pad], dim=1)
+            # Closed-form heads have large, ill-conditioned weights (tiny ridge): never
+            # evaluate them in reduced precision.
+            with torch.autocast(device_type=f.device.type, enabled=False):
+                logits = self._stats_logits(f.float(), task_labels)
         if self.training:
             mask = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
             mask[self.current_classes] = True

@@ -33,16 +33,20 @@ def experiences_in_training(strategy) -> list:
     return list(getattr(strategy, "_experiences", None) or [strategy.experience])
 
 
-def eval_batches(strategy, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(x, y)`` batches of the data just trained on, with eval transforms, in order."""
+def eval_batches(
+    strategy, limit: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(x, y, task)`` batches of the data just trained on, with eval transforms, in order."""
     dataset = distributed.shard(strategy.adapted_dataset.eval())
     loader = DataLoader(dataset, batch_size=strategy.eval_mb_size, shuffle=False)
     seen = 0
     for batch in loader:
         x, y = batch[0], batch[1]
+        # Datasets without task labels (class-incremental streams) are task 0.
+        t = batch[2] if len(batch) >= 3 else torch.zeros_like(y)
         if limit is not None:
-            x, y = x[: limit - seen], y[: limit - seen]
-        yield x.to(strategy.device), y.to(strategy.device)
+            x, y, t = x[: limit - seen], y[: limit - seen], t[: limit - seen]
+        yield x.to(strategy.device), y.to(strategy.device), t.to(strategy.device)
         seen += x.shape[0]
         if limit is not None and seen >= limit:
             return
@@ -125,12 +129,12 @@ class NullSpaceProjectionPlugin(SupervisedPlugin):
         model = strategy.model
         was_training = model.training
         model.eval()
-        guard.collect(lambda x: self._features(model, x), (x for x, _ in eval_batches(strategy)))
+        guard.collect(lambda x: self._features(model, x), (x for x, _, _ in eval_batches(strategy)))
         interference = {}
         for j, (x, ref) in enumerate(self.probes):
             now = self._features(model, x)
             interference[j] = float((now - ref).norm() / ref.norm().clamp_min(1e-12))
-        probe = torch.cat([x for x, _ in eval_batches(strategy, self.probe_size)])
+        probe = torch.cat([x for x, _, _ in eval_batches(strategy, self.probe_size)])
         self.probes.append((probe, self._features(model, probe)))
         self.history.append(
             {

@@ -50,6 +50,9 @@ class RunConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     seed: int = field(default=0, metadata={"help": "Seed of class order, init and batches."})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N."})
+    bf16: bool = field(
+        default=False, metadata={"help": "bfloat16 autocast (statistics stay float64)."}
+    )
     data_root: str = field(default="data", metadata={"help": "Where datasets live."})
     head: str = field(default="ridge", metadata={"help": "ridge, ncm or linear."})
     ridge: float | str = field(
@@ -120,7 +123,7 @@ class RunConfig:
             raise ConfigError(f"validation must be in [0, 1), got {self.validation!r}")
         if self.backbone_kwargs is not None and not isinstance(self.backbone_kwargs, dict):
             raise ConfigError("backbone_kwargs must be a mapping")
-        for name in ("pretrained", "vpt_deep"):
+        for name in ("pretrained", "vpt_deep", "bf16"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):

@@ -91,6 +91,13 @@ def prepare(config: RunConfig) -> Prepared:
     backbone = create_backbone(
         config.backbone, pretrained=config.pretrained, weights=config.weights, **kwargs
     )
+    patch = backbone.patch_embed.patch_size
+    patch = patch if isinstance(patch, tuple) else (patch, patch)
+    if kwargs["img_size"] % patch[0] or kwargs["img_size"] < patch[0]:
+        raise ConfigError(
+            f"image size {kwargs['img_size']} is not a multiple of the backbone's patch size "
+            f"{patch[0]}; pass --img-size or backbone_kwargs: {{patch_size: ...}} in --config"
+        )
     if config.backbone_kwargs is None:
         config.backbone_kwargs = {
             k: v for k, v in kwargs.items() if k not in ("img_size", "in_chans")
@@ -161,6 +168,7 @@ def _make_strategy(prep: Prepared, tb_dir: Path):
         nsp_config=cfg.nsp_config(),
         num_classes=prep.data.num_classes,
         seed=cfg.seed,
+        bf16=cfg.bf16,
         plugins=[FiniteLossPlugin()],
     )
     return strategy, logger
@@ -316,9 +324,13 @@ def execute(
             "class_incremental": "all classes seen, no task id"
             if cfg.scenario == "class"
             else None,
+            "ridge_chosen": {
+                k: getattr(h, "chosen_ridge", None) for k, h in model.stats_heads.items()
+            }
+            or None,
         },
         "accuracy_matrix": r,
-        **summarise(r, state["baseline"], cfg.scenario),
+        **summarise(r, state["baseline"], cfg.scenario, cfg.head),
         "untrained_accuracy": state["baseline"],
         "trainable_parameters": {
             "adapter_total": model.adapter_parameter_count_total(),

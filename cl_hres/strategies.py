@@ -85,6 +85,7 @@ class _ViTStrategy(SupervisedTemplate):
         nsp_config: NullSpaceConfig | None = None,
         num_classes: int = 0,
         seed: int = 0,
+        bf16: bool = False,
         **kwargs: Any,
     ) -> None:
         """Init.
@@ -110,6 +111,8 @@ class _ViTStrategy(SupervisedTemplate):
             nsp_config: Null-space rule for the ``*-nsp`` strategies.
             num_classes: Classes known up front (optional; the head grows as needed).
             seed: Seed of the training data order (with the experience and epoch).
+            bf16: Run the training forward passes under bfloat16 autocast. Evaluation and
+                statistics passes stay float32; covariances and heads are float64.
             **kwargs: Passed on to the Avalanche template.
         """
         if isinstance(model, ContinualViT):
@@ -139,6 +142,7 @@ class _ViTStrategy(SupervisedTemplate):
             opt_type, defaults = type(optimizer), dict(optimizer.defaults)
             self._optimizer_factory = lambda params: opt_type(params, **defaults)
         self.seed = seed
+        self.bf16 = bf16
         self._ddp: nn.Module | None = None
         own: list[Any] = [ContinualViTPlugin()]
         self.nsp_plugin: NullSpaceProjectionPlugin | None = None
@@ -165,7 +169,15 @@ class _ViTStrategy(SupervisedTemplate):
         # decides whether they restrict the classes.
         task_labels = self.mbatch[2] if len(self.mbatch) >= 3 else None
         model = self._ddp if (self._ddp is not None and self.is_training) else self.model
-        return model(self.mb_x, task_labels=task_labels)
+        device_type = torch.device(self.device).type
+        # bf16 only for the training forward: the closed-form heads are fitted on float32
+        # features and, with a small ridge, amplify bf16 rounding (measured: 97% -> 39%
+        # accuracy when evaluating under autocast), so evaluation stays float32.
+        amp = self.bf16 and self.is_training
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=amp):
+            out = model(self.mb_x, task_labels=task_labels)
+        # Loss and metrics in float32 (-inf masks survive the cast).
+        return out.float()
 
     def make_optimizer(self, **kwargs: Any) -> None:
         # Avalanche's default hands frozen parameters to the optimizer too and mis-assigns

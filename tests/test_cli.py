@@ -22,9 +22,10 @@ def test_run_writes_every_output(tmp_path, scenario, capsys):
     r = res["accuracy_matrix"]
     assert len(r) == 5 and all(len(row) == 5 for row in r)
     assert all(0 <= a <= 1 for row in r for a in row)
-    for key, value in summarise(r, res["untrained_accuracy"], scenario).items():
+    for key, value in summarise(r, res["untrained_accuracy"], scenario, "ridge").items():
         assert res[key] == value
-    assert (res["fwt"] is None) == (scenario == "class")
+    assert res["fwt"] is None  # undefined for a statistics head
+    assert (res["untrained_accuracy"] is None) == (scenario == "class")
     assert res["strategy"] == "hres-nsp" and res["benchmark"] == "split-digits"
     assert res["scenario"] == scenario and res["seed"] == 0
     assert res["trainable_parameters"]["adapter_total"] > 0
@@ -98,3 +99,78 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     exec(compile(code, "README-example", "exec"), namespace)
     acc = namespace["accuracy"]
     assert 0.0 < acc <= 1.0
+
+
+def test_task_incremental_heads_are_per_task_and_fwt_defined_for_linear_head(tmp_path):
+    out = tmp_path / "t"
+    main(["run", "--out", str(out), "--scenario", "task", "--experiences", "3", *FAST])
+    res = _results(out)
+    assert sorted(res["head_protocol"]["ridge_chosen"]) == ["0", "1", "2"]  # one ridge per task
+    lin = tmp_path / "lin"
+    main(
+        [
+            "run",
+            "--out",
+            str(lin),
+            "--scenario",
+            "task",
+            "--experiences",
+            "3",
+            "--head",
+            "linear",
+            *FAST,
+        ]
+    )
+    assert _results(lin)["fwt"] is not None
+
+
+def test_bf16_autocast_runs_and_stays_close(tmp_path):
+    ref, half = tmp_path / "fp32", tmp_path / "bf16"
+    main(["run", "--out", str(ref), "--experiences", "2", *FAST])
+    main(["run", "--out", str(half), "--experiences", "2", "--bf16", *FAST])
+    a, b = _results(ref), _results(half)
+    assert b["config"]["bf16"] is True
+    assert abs(a["final_average_accuracy"] - b["final_average_accuracy"]) < 0.1
+
+
+def test_user_npz_and_image_folder_run_end_to_end(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 10)
+    x = rng.random((40, 8, 8)) + y[:, None, None]  # learnable: brightness encodes the class
+    np.savez(tmp_path / "mine.npz", x_train=x, y_train=y, x_test=x[::2], y_test=y[::2])
+    out = tmp_path / "npz"
+    npz = ["run", "--benchmark", str(tmp_path / "mine.npz"), "--experiences", "2"]
+    npz += ["--out", str(out), *FAST]
+    assert main(npz) == 2  # 8×8 images and timm's default patch 16: a clear error first
+    assert not out.exists()
+    recipe = tmp_path / "small.yaml"
+    recipe.write_text("backbone_kwargs: {patch_size: 2, embed_dim: 32, depth: 2, num_heads: 2}\n")
+    assert main([*npz, "--config", str(recipe)]) == 0
+    res = _results(out)
+    assert res["experiences"] == 2 and len(res["accuracy_matrix"][0]) == 2
+    folder = tmp_path / "imgs"
+    for c in range(3):
+        (folder / f"class{c}").mkdir(parents=True)
+        for i in range(5):
+            arr = (rng.random((16, 16, 3)) * 60 + 80 * c).astype("uint8")
+            Image.fromarray(arr).save(folder / f"class{c}" / f"{i}.png")
+    out = tmp_path / "folder"
+    argv = ["run", "--benchmark", str(folder), "--experiences", "3", "--img-size", "16"]
+    argv += ["--out", str(out), "--config", str(recipe), *FAST]
+    assert main(argv) == 0
+    r = _results(out)["accuracy_matrix"]
+    assert len(r) == 3 and all(0 <= a <= 1 for a in r[-1])
+
+
+def test_offline_datasets_say_what_was_looked_for(tmp_path, capsys):
+    for argv, needle in (
+        (["--benchmark", "imagenet-r", "--data-root", str(tmp_path)], "imagenet-r"),
+        (["--benchmark", "split-cifar100", "--data-root", str(tmp_path / "none")], "--data-root"),
+    ):
+        assert main(["run", "--out", str(tmp_path / "o"), *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+        assert not (tmp_path / "o").exists()

@@ -116,3 +116,9 @@ def test_gcv_regularises_more_when_data_are_scarce():
     few.fit()
     assert many.chosen_ridge in RidgeHead.GRID and few.chosen_ridge in RidgeHead.GRID
     assert few.chosen_ridge > many.chosen_ridge
+
+
+def test_empty_batches_are_ignored():
+    head = RidgeHead(6)
+    head.update(torch.zeros(0, 6), torch.zeros(0, dtype=torch.long))
+    assert head.num_classes == 0 and head.gram.abs().sum() == 0

@@ -19,6 +19,7 @@ def test_metrics_match_hand_computed_values():
     assert m["bwt"] == pytest.approx(((0.6 - 0.9) + (0.5 - 0.8)) / 2)
     assert m["fwt"] == pytest.approx(((0.1 - 0.1) + (0.2 - 0.3)) / 2)
     assert summarise(r, None, "class")["fwt"] is None
+    assert summarise(r, [0.5, 0.1, 0.3], "task", head="ridge")["fwt"] is None
     joint = summarise([[0.9, 0.8]], None, "class")
     assert joint["forgetting"] is None and joint["final_average_accuracy"] == pytest.approx(0.85)
 
