@@ -183,10 +183,9 @@ def run_bench(
                 loss = nn.functional.cross_entropy(model(inp).float(), y)
             loss.backward()
             if guard is not None:
-                guard.project_grads()
-            opt.step()
-            if guard is not None:
-                guard.project_weights()
+                guard.step(opt)
+            else:
+                opt.step()
 
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)

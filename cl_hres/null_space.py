@@ -257,6 +257,15 @@ class NullSpaceGuard:
                 if w.grad is not None:
                     w.grad.copy_(w.grad @ proj.to(w.grad.dtype))
 
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """One constrained update for a hand-written loop: project grads, step, project weights.
+
+        (The Avalanche plugin calls the two projections from its own hooks.)
+        """
+        self.project_grads()
+        optimizer.step()
+        self.project_weights()
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Covariance statistics of every bank, as plain tensors."""
         out = {}

@@ -176,3 +176,26 @@ def test_guard_state_round_trip():
 def test_bad_nsp_configs(kwargs):
     with pytest.raises(ConfigError):
         NullSpaceConfig(**kwargs)
+
+
+def test_guard_step_keeps_weights_in_null_space():
+    torch.manual_seed(3)
+    model = ContinualViT(make_vit(), method="hres", num_classes=4)
+    guard = NullSpaceGuard(model.banks, NullSpaceConfig())
+    x1 = torch.randn(2, 1, 8, 8)
+    model.begin_experience([([0, 1], [0])])
+    model.eval()
+    guard.collect(model.features, [x1])
+    model.begin_experience([([2, 3], [0])])
+    guard.project_weights()
+    model.train()
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=1e-2)
+    for _ in range(5):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(
+            model(torch.randn(8, 1, 8, 8)), torch.randint(2, 4, (8,))
+        ).backward()
+        guard.step(opt)
+    for bank, proj in zip(guard.banks, guard.projectors):
+        for w in bank.trainable_down_weights():
+            torch.testing.assert_close(w @ proj, w, atol=1e-6, rtol=0)
