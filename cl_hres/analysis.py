@@ -14,6 +14,7 @@ For a run directory (``results.json`` + last checkpoint) it reports:
 
 from __future__ import annotations
 
+import copy
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -112,8 +113,8 @@ def load_trained_model(run_dir: Path) -> tuple[ContinualViT, Any, dict[str, Any]
     prep = prepare(config)
     state, tensors, _ = load_checkpoint(ckpt, results["config"])
     cls = STRATEGIES[config.strategy]
-    # prepare() rebuilt the seeded backbone; keep a frozen copy for the "before" figures.
-    frozen = prepare(RunConfig.from_dict(dict(config.to_dict()))).backbone.eval()
+    # prepare() rebuilt the seeded backbone; an unwrapped copy is the "before" model.
+    frozen = copy.deepcopy(prep.backbone).eval()
     model = ContinualViT(
         prep.backbone,
         method=cls.method,

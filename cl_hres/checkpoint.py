@@ -84,7 +84,7 @@ def rebuild_structure(model: ContinualViT, meta: dict[str, Any]) -> None:
     for bank, count in zip(model.banks, meta["experts"]):
         while bank.num_experts < count:
             bank.add_expert(device=model.device)
-    model._grow_head(meta["head_classes"])
+    model.ensure_classes(meta["head_classes"])
     for key, n in meta["stats_heads"].items():
         head = model.stats_head(int(key))
         head._grow(n)

@@ -11,7 +11,7 @@ from cl_hres.errors import ConfigError
 from cl_hres.run_config import RunConfig
 from cl_hres.runner import check_output_dir, execute, prepare
 
-__all__ = ["METRICS", "aggregate", "compare", "markdown_table"]
+__all__ = ["METRICS", "aggregate", "compare", "markdown_table", "mean_std"]
 
 METRICS = (
     "final_average_accuracy",
@@ -22,7 +22,8 @@ METRICS = (
 )
 
 
-def _mean_std(values: list[float | None]) -> dict[str, Any]:
+def mean_std(values: list[float | None]) -> dict[str, Any]:
+    """Mean and sample standard deviation of the non-None values (None if there are none)."""
     vals = [v for v in values if v is not None]
     if not vals:
         return {"mean": None, "std": None, "values": values}
@@ -35,8 +36,8 @@ def aggregate(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Mean ± sample std over seeds of every metric, per strategy."""
     out = {}
     for name, results in runs.items():
-        row = {m: _mean_std([r[m] for r in results]) for m in METRICS}
-        row["train_seconds"] = _mean_std([r["timing"]["train_seconds"] for r in results])
+        row = {m: mean_std([r[m] for r in results]) for m in METRICS}
+        row["train_seconds"] = mean_std([r["timing"]["train_seconds"] for r in results])
         row["adapter_parameters"] = results[0]["trainable_parameters"]["adapter_total"]
         row["seeds"] = [r["seed"] for r in results]
         out[name] = row

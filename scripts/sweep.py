@@ -19,7 +19,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from cl_hres.compare import _mean_std
+from cl_hres.compare import mean_std
 from cl_hres.run_config import RunConfig
 from cl_hres.runner import execute, prepare
 
@@ -55,10 +55,10 @@ def main() -> int:
         ]
         row = {
             "point": point,
-            "final_average_accuracy": _mean_std([r["final_average_accuracy"] for r in runs]),
-            "forgetting": _mean_std([r["forgetting"] for r in runs]),
-            "max_interference": _mean_std(worst) if worst else None,
-            "mean_null_dim_fraction": _mean_std(
+            "final_average_accuracy": mean_std([r["final_average_accuracy"] for r in runs]),
+            "forgetting": mean_std([r["forgetting"] for r in runs]),
+            "max_interference": mean_std(worst) if worst else None,
+            "mean_null_dim_fraction": mean_std(
                 [
                     sum(
                         d / i
