@@ -233,11 +233,6 @@ class NullSpaceGuard:
             self.projectors.append(proj.float())
             self.null_dims.append(k)
 
-    @property
-    def active(self) -> bool:
-        """True once statistics of at least one experience exist."""
-        return self.projectors is not None
-
     @torch.no_grad()
     def project_weights(self) -> None:
         """``W ← W·P`` for every trainable ``down`` weight (rows into the null space)."""
