@@ -25,8 +25,8 @@ def test_two_processes_match_one(tmp_path):
     proc = subprocess.run(
         [
             torchrun,
+            "--standalone",  # a free port: no clash with anything else on the machine
             "--nproc_per_node=2",
-            "--master_port=29517",
             "-m",
             "cl_hres",
             "run",
