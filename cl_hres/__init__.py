@@ -2,23 +2,36 @@
 
 The core (experts, null-space projection, heads, model) imports no Avalanche; the
 Avalanche plugins and strategies live in :mod:`cl_hres.plugins` and
-:mod:`cl_hres.strategies` and are imported from here lazily.
+:mod:`cl_hres.strategies`. Every name below is imported from its module on first use.
 """
 
 from cl_hres._version import __version__
-from cl_hres.backbones import create_backbone
-from cl_hres.config import HResConfig, LoRAConfig, NullSpaceConfig, VPTConfig
-from cl_hres.errors import CheckpointError, ClHresError, ConfigError, DataError
-from cl_hres.experts import ExpertBank, LoRALinear, ParallelBlock
-from cl_hres.heads import NCMHead, RidgeHead
-from cl_hres.model import ContinualViT
-from cl_hres.null_space import CovarianceAccumulator, NullSpaceGuard, null_space_projector
 
+# Every public name is imported on first use: `cl-hres --help` and the config checks then
+# need neither torch (~3 s) nor Avalanche (~6 s, ~1 GB).
 _LAZY = {
+    "CheckpointError": "cl_hres.errors",
+    "ClHresError": "cl_hres.errors",
+    "ConfigError": "cl_hres.errors",
+    "ContinualViT": "cl_hres.model",
     "ContinualViTPlugin": "cl_hres.plugins",
+    "CovarianceAccumulator": "cl_hres.null_space",
+    "DataError": "cl_hres.errors",
+    "ExpertBank": "cl_hres.experts",
     "HRes": "cl_hres.strategies",
+    "HResConfig": "cl_hres.config",
     "HResNSP": "cl_hres.strategies",
+    "LoRAConfig": "cl_hres.config",
+    "LoRALinear": "cl_hres.experts",
+    "NCMHead": "cl_hres.heads",
+    "NullSpaceConfig": "cl_hres.config",
+    "NullSpaceGuard": "cl_hres.null_space",
     "NullSpaceProjectionPlugin": "cl_hres.plugins",
+    "ParallelBlock": "cl_hres.experts",
+    "RidgeHead": "cl_hres.heads",
+    "VPTConfig": "cl_hres.config",
+    "create_backbone": "cl_hres.backbones",
+    "null_space_projector": "cl_hres.null_space",
 }
 
 __all__ = [
@@ -49,7 +62,6 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # Avalanche costs ~6 s and ~1 GB to import: only pay for it when a strategy is used.
     if name in _LAZY:
         import importlib
 

@@ -174,3 +174,16 @@ def test_offline_datasets_say_what_was_looked_for(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
         assert not (tmp_path / "o").exists()
+
+
+def test_help_and_config_checks_import_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import cl_hres, cl_hres.cli; cl_hres.cli._build_parser(); "
+        "from cl_hres.run_config import RunConfig; RunConfig(strategy='lora'); "
+        "print('torch' in sys.modules, 'avalanche' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
