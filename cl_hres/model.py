@@ -116,9 +116,6 @@ class ContinualViT(nn.Module):
 
     def ensure_classes(self, num_classes: int) -> None:
         """Makes the logits cover class ids ``< num_classes`` (unseen ones stay ``-inf``)."""
-        self._grow_head(num_classes)
-
-    def _grow_head(self, num_classes: int) -> None:
         old = self.train_head
         if num_classes <= old.out_features:
             return
@@ -145,7 +142,7 @@ class ContinualViT(nn.Module):
             self.current_classes = sorted(set(self.current_classes) | set(classes))
         if not self.current_classes:
             raise ConfigError("an experience without classes cannot be trained")
-        self._grow_head(max(max(c) for c in self.task_classes.values()) + 1)
+        self.ensure_classes(max(max(c) for c in self.task_classes.values()) + 1)
         if self.banks and (self.expert_per_experience or self.banks[0].num_experts == 0):
             for bank in self.banks:
                 bank.add_expert(device=self.device)

@@ -109,6 +109,35 @@ class NullSpaceProjectionPlugin(SupervisedPlugin):
             self.guard = NullSpaceGuard(banks, self.config)
         return self.guard
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Covariance statistics and interference probes, as tensors (for checkpoints)."""
+        if self.guard is None:
+            return {}
+        out = {f"guard.{k}": v for k, v in self.guard.state_dict().items()}
+        for j, (x, f) in enumerate(self.probes):
+            out[f"probe{j}.x"], out[f"probe{j}.f"] = x, f
+        return out
+
+    def load_state_dict(
+        self, tensors: dict[str, torch.Tensor], history: list[dict], strategy
+    ) -> None:
+        """Inverse of :meth:`state_dict`; ``history`` comes back from JSON."""
+        device = torch.device(strategy.device)
+        prefix = "guard."
+        self._guard(strategy).load_state_dict(
+            {k[len(prefix) :]: v.to(device) for k, v in tensors.items() if k.startswith(prefix)}
+        )
+        self.probes = []
+        while f"probe{len(self.probes)}.x" in tensors:
+            j = len(self.probes)
+            self.probes.append(
+                (tensors[f"probe{j}.x"].to(device), tensors[f"probe{j}.f"].to(device))
+            )
+        # JSON turned the integer keys of the interference dicts into strings.
+        self.history = [
+            dict(h, interference={int(k): v for k, v in h["interference"].items()}) for h in history
+        ]
+
     @staticmethod
     def _features(model, x: torch.Tensor) -> torch.Tensor:
         return model.features(x) if hasattr(model, "features") else model(x)

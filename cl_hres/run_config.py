@@ -184,8 +184,12 @@ class RunConfig:
         kwargs.update(self.backbone_kwargs or {})
         size = self.img_size or image_size
         patch = kwargs.get("patch_size")
-        if patch is not None and (not isinstance(patch, int) or patch < 1 or size % patch):
-            raise ConfigError(f"image size {size} is not a multiple of patch size {patch}")
+        # Only the value here; whether the image fits the patch is checked on the built
+        # model (runner.prepare), which also covers timm's default patch size.
+        if patch is not None and (
+            isinstance(patch, bool) or not isinstance(patch, int) or patch < 1
+        ):
+            raise ConfigError(f"patch_size must be a positive integer, got {patch!r}")
         return dict(kwargs, img_size=size, in_chans=channels)
 
     def to_dict(self) -> dict[str, Any]:

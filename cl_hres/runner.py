@@ -93,7 +93,7 @@ def prepare(config: RunConfig) -> Prepared:
     )
     patch = backbone.patch_embed.patch_size
     patch = patch if isinstance(patch, tuple) else (patch, patch)
-    if kwargs["img_size"] % patch[0] or kwargs["img_size"] < patch[0]:
+    if kwargs["img_size"] % patch[0]:
         raise ConfigError(
             f"image size {kwargs['img_size']} is not a multiple of the backbone's patch size "
             f"{patch[0]}; pass --img-size or backbone_kwargs: {{patch_size: ...}} in --config"
@@ -174,41 +174,6 @@ def _make_strategy(prep: Prepared, tb_dir: Path):
     return strategy, logger
 
 
-def _nsp_state(strategy) -> dict[str, torch.Tensor] | None:
-    plugin = strategy.nsp_plugin
-    if plugin is None or plugin.guard is None:
-        return None
-    out = {f"guard.{k}": v for k, v in plugin.guard.state_dict().items()}
-    for j, (x, f) in enumerate(plugin.probes):
-        out[f"probe{j}.x"], out[f"probe{j}.f"] = x, f
-    return out
-
-
-def _restore_nsp(strategy, tensors: dict[str, torch.Tensor], history: list[dict]) -> None:
-    plugin = strategy.nsp_plugin
-    if plugin is None:
-        return
-    device = torch.device(strategy.device)
-    guard = plugin._guard(strategy)
-    guard.load_state_dict(
-        {
-            k[len("nsp.guard.") :]: v.to(device)
-            for k, v in tensors.items()
-            if k.startswith("nsp.guard.")
-        }
-    )
-    plugin.probes = []
-    j = 0
-    while f"nsp.probe{j}.x" in tensors:
-        plugin.probes.append(
-            (tensors[f"nsp.probe{j}.x"].to(device), tensors[f"nsp.probe{j}.f"].to(device))
-        )
-        j += 1
-    plugin.history = [
-        dict(h, interference={int(k): v for k, v in h["interference"].items()}) for h in history
-    ]
-
-
 def execute(
     prep: Prepared,
     out: Path,
@@ -257,7 +222,12 @@ def execute(
         rebuild_structure(model, saved["structure"])
         model.load_state_dict(model_tensors)
         model.to(cfg.device)
-        _restore_nsp(strategy, extra, saved["nsp_history"])
+        if strategy.nsp_plugin is not None:
+            strategy.nsp_plugin.load_state_dict(
+                {k[len("nsp.") :]: v for k, v in extra.items() if k.startswith("nsp.")},
+                saved["nsp_history"],
+                strategy,
+            )
         restore_rng({k: v for k, v in extra.items() if k.startswith("rng.")}, saved["rng"])
         state = {k: saved[k] for k in state}
     else:
@@ -266,9 +236,7 @@ def execute(
             # b_j for FWT: the untrained model with one head per task.
             for exp in bm.test_stream:
                 model.task_classes[exp.task_label] = sorted(exp.classes_in_this_experience)
-            state["baseline"] = accuracy_row_from_results(
-                strategy.eval(bm.test_stream), prep.experiences
-            )
+            state["baseline"] = evaluate()
             model.task_classes = {}
 
     start = len(state["rows"])
@@ -277,7 +245,7 @@ def execute(
         initial=start,
         desc=f"{cfg.strategy}",
         unit="exp",
-        disable=not progress,
+        disable=not (progress and main_rank),
         file=sys.stderr,
     )
     for i in range(start, steps):
@@ -298,7 +266,7 @@ def execute(
                 ckpt_dir,
                 i,
                 model=model,
-                nsp_state=_nsp_state(strategy),
+                nsp_state=strategy.nsp_plugin.state_dict() if strategy.nsp_plugin else None,
                 state=dict(state, config=config_dict),
             )
         bar.update(1)

@@ -184,9 +184,10 @@ class _ViTStrategy(SupervisedTemplate):
         # new ones with several param groups; a fresh optimizer per experience over the
         # trainable parameters is what every method here expects.
         params = self.model.trainable_parameters()
-        if params:
-            self.optimizer = self._optimizer_factory(params)
-        if distributed.is_distributed() and params:
+        if not params:
+            return
+        self.optimizer = self._optimizer_factory(params)
+        if distributed.is_distributed():
             # Rebuilt per experience: DDP needs a fixed set of trainable parameters.
             from torch.nn.parallel import DistributedDataParallel
 

@@ -17,7 +17,8 @@ from cl_hres.cli import main
     reason="torchrun not installed",
 )
 def test_two_processes_match_one(tmp_path):
-    args = ["--experiences", "3", "--epochs", "1", "--no-progress"]
+    # Task-incremental: also covers the untrained baseline and the per-task heads.
+    args = ["--experiences", "3", "--epochs", "1", "--scenario", "task", "--no-progress"]
     single, multi = tmp_path / "single", tmp_path / "multi"
     assert main(["run", "--out", str(single), *args]) == 0
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -49,5 +50,7 @@ def test_two_processes_match_one(tmp_path):
     for row_a, row_b in zip(a["accuracy_matrix"], b["accuracy_matrix"], strict=True):
         assert row_b == pytest.approx(row_a, abs=0.02)
     assert b["final_average_accuracy"] == pytest.approx(a["final_average_accuracy"], abs=0.02)
+    # No training before the baseline: shards are combined exactly.
+    assert b["untrained_accuracy"] == pytest.approx(a["untrained_accuracy"], abs=1e-12)
     # Only rank 0 wrote TensorBoard events.
     assert len(list((multi / "tensorboard").glob("events.out.tfevents.*"))) == 1
