@@ -92,21 +92,26 @@ def compare(
         raise ConfigError(f"{out} already holds a comparison; pass --overwrite or --resume")
     for name, seed in configs:
         check_output_dir(out / name / f"seed{seed}", resume=False, overwrite=overwrite or resume)
-    # Validate all data / backbones before the first run writes anything.
-    prepared = {key: prepare(cfg) for key, cfg in configs.items()}
+    # The runs differ only in strategy and seed (every config was validated above), so
+    # preparing the first one checks the data and the backbone before anything is
+    # written; the others are prepared just before they run, not all held in memory.
+    keys = list(configs)
+    first_prep = prepare(configs[keys[0]])
+    first = first_prep.config
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in strategies}
-    for (name, seed), prep in prepared.items():
+    for key in keys:
+        name, seed = key
         run_dir = out / name / f"seed{seed}"
         done = run_dir / "results.json"
         if resume and done.is_file():
             runs[name].append(json.loads(done.read_text()))
             continue
+        prep = first_prep if key == keys[0] else prepare(configs[key])
         can_resume = resume and (run_dir / "config.json").is_file()
         runs[name].append(
             execute(prep, run_dir, resume=can_resume, overwrite=not can_resume, progress=progress)
         )
     agg = aggregate(runs)
-    first = next(iter(prepared.values())).config
     summary = {
         "benchmark": first.benchmark,
         "scenario": first.scenario,
