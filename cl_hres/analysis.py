@@ -133,13 +133,10 @@ def load_trained_model(run_dir: Path) -> tuple[ContinualViT, Any, dict[str, Any]
 
 
 def _test_batch(prep, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``limit`` test images and labels, in dataset order."""
     loader = torch.utils.data.DataLoader(prep.data.test, batch_size=limit, shuffle=False)
-    xs, ys = [], []
-    for batch in loader:
-        xs.append(batch[0])
-        ys.append(torch.as_tensor(batch[1]))
-        break
-    return torch.cat(xs), torch.cat(ys)
+    batch = next(iter(loader))
+    return batch[0], torch.as_tensor(batch[1])
 
 
 def analyze_run(
