@@ -283,6 +283,19 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Destroys the torchrun process group, if a command joined one.
+
+    Looked up in ``sys.modules`` so that commands which never touch torch (``--help``,
+    config errors) do not import it here.
+    """
+    dist_helpers = sys.modules.get("cl_hres.distributed")
+    if dist_helpers is not None:
+        dist_helpers.shutdown()
 
 
 if __name__ == "__main__":

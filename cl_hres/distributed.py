@@ -18,12 +18,14 @@ from torch.utils.data import Subset
 
 __all__ = [
     "all_reduce_increment_",
+    "any_rank",
     "barrier",
     "gather_accuracy",
     "init_from_env",
     "is_distributed",
     "rank",
     "shard",
+    "shutdown",
     "world_size",
 ]
 
@@ -58,6 +60,26 @@ def barrier() -> None:
     """Waits for every rank (no-op alone)."""
     if is_distributed():
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Leaves the process group, if one was joined.
+
+    Without this, gloo's worker threads can still hold tensors while the interpreter is
+    torn down, and the process dies with SIGABRT ("terminate called without an active
+    exception") after its work is done (pytorch/pytorch#190489).
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def any_rank(flag: torch.Tensor) -> bool:
+    """True when ``flag`` (a boolean scalar) is true on any rank; a collective."""
+    if not is_distributed():
+        return bool(flag.item())
+    flag = flag.detach().to(torch.int32).reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def shard(dataset):

@@ -52,7 +52,7 @@ def eval_batches(
             return
 
 
-class ContinualViTPlugin(SupervisedPlugin):
+class ContinualViTPlugin(SupervisedPlugin, supports_distributed=True):
     """Starts and ends experiences of a :class:`~cl_hres.model.ContinualViT`.
 
     Experts are created in ``after_train_dataset_adaptation``, which Avalanche runs before
@@ -80,7 +80,7 @@ class ContinualViTPlugin(SupervisedPlugin):
             strategy.model.ensure_classes(max(classes) + 1)
 
 
-class NullSpaceProjectionPlugin(SupervisedPlugin):
+class NullSpaceProjectionPlugin(SupervisedPlugin, supports_distributed=True):
     """Null-space projection of new experts (see :mod:`cl_hres.null_space`).
 
     Works with any strategy whose model contains :class:`~cl_hres.experts.ExpertBank` s
@@ -180,7 +180,7 @@ class TrainingDivergedError(ClHresError):
     """The loss became NaN or Inf."""
 
 
-class FiniteLossPlugin(SupervisedPlugin):
+class FiniteLossPlugin(SupervisedPlugin, supports_distributed=True):
     """Stops training when the loss is not finite, checked once per epoch.
 
     The per-step check stays on the device (a running flag), so it adds no host-device
@@ -196,10 +196,16 @@ class FiniteLossPlugin(SupervisedPlugin):
         self._bad = bad if self._bad is None else self._bad | bad
 
     def after_training_epoch(self, strategy, **kwargs) -> None:
-        if self._bad is not None and bool(self._bad.item()):
-            self._bad = None
+        bad = (
+            self._bad
+            if self._bad is not None
+            else torch.zeros((), dtype=torch.bool, device=strategy.device)
+        )
+        self._bad = None
+        # Every rank must stop together, or the others would wait forever in the next
+        # all-reduce.
+        if distributed.any_rank(bad):
             raise TrainingDivergedError(
                 f"loss became NaN/Inf in experience {strategy.clock.train_exp_counter + 1}, "
                 f"epoch {strategy.clock.train_exp_epochs + 1}; lower --lr"
             )
-        self._bad = None
