@@ -8,6 +8,10 @@ ALL=hres-nsp,hres,lora,lora-nsp,vpt,linear,finetune,joint
 for sc in class task; do
   cl-hres compare --strategies $ALL --scenario $sc --seeds 0,1,2 --out results/split-digits-$sc --overwrite --no-progress
 done
+# Joint training at its validation-tuned learning rate (results/sweeps/joint-lr).
+for sc in class task; do
+  cl-hres compare --strategies joint --lr 3e-4 --scenario $sc --seeds 0,1,2 --out results/split-digits-$sc-joint-lr3e-4 --overwrite --no-progress
+done
 # Claims of the paper on the default run and a VPT run of the same stream.
 cl-hres analyze --run results/split-digits-class/hres-nsp/seed0 --other-run results/split-digits-class/vpt/seed0
 cp results/split-digits-class/hres-nsp/seed0/analysis.md results/analysis-split-digits.md
@@ -24,5 +28,9 @@ $S --out results/sweeps/ridge-head --base '{"strategy": "hres-nsp"}' \
    --grid '{"ridge": [1e-2, 1e-4, 1e-6, "auto"], "ridge_projection": [0, 2048]}'
 $S --out results/sweeps/head --base '{"strategy": "hres-nsp"}' --grid '{"head": ["ridge", "ncm", "linear"]}'
 $S --out results/sweeps/lr --base '{"strategy": "hres-nsp"}' --grid '{"lr": [3e-4, 1e-3, 3e-3]}'
+for s in lora vpt; do
+  $S --out results/sweeps/$s-lr --base "{\"strategy\": \"$s\"}" --grid '{"lr": [1e-4, 3e-4, 1e-3, 3e-3]}'
+done
+$S --out results/sweeps/joint-lr --base '{"strategy": "joint"}' --grid '{"lr": [1e-4, 3e-4, 1e-3, 3e-3], "epochs": [1, 5]}'
 # Costs (ViT-S/16 layout at 224 px, r = 32, batch 16 on this CPU).
 cl-hres bench --config vit-s --batch-size 16 --iters 3 --out results/bench-cpu
