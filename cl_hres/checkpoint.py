@@ -100,13 +100,14 @@ def save_checkpoint(
     index: int,
     *,
     model: ContinualViT,
-    nsp_state: dict[str, torch.Tensor] | None,
+    plugin_states: dict[str, dict[str, torch.Tensor]],
     state: dict[str, Any],
 ) -> Path:
     """Writes checkpoint ``index`` atomically and removes older ones.
 
-    The optimizer is rebuilt at every experience (fresh state), so at an experience
-    boundary there is no optimizer state to keep; the RNG states are kept.
+    ``plugin_states`` maps a key prefix to a plugin's tensors (stored as
+    ``prefix.name``). The optimizer is rebuilt at every experience (fresh state), so at
+    an experience boundary there is no optimizer state to keep; the RNG states are kept.
     """
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"exp{index:03d}"
@@ -117,8 +118,9 @@ def save_checkpoint(
     model_tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(model_tensors, str(tmp / "model.safetensors"))
     extra = dict(rng_tensors)
-    for k, v in (nsp_state or {}).items():
-        extra[f"nsp.{k}"] = v.detach().cpu().contiguous()
+    for prefix, tensors in plugin_states.items():
+        for k, v in tensors.items():
+            extra[f"{prefix}.{k}"] = v.detach().cpu().contiguous()
     save_file(extra, str(tmp / "state.safetensors"))
     meta = dict(state, structure=model_structure(model), rng=rng_meta, index=index)
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))

@@ -174,11 +174,17 @@ def _print_summary(rows: dict[str, dict[str, Any]]) -> None:
     def pct(v: float | None) -> str:
         return "–" if v is None else f"{100 * v:6.2f}"
 
-    print(f"{'strategy':<10} {'final acc':>9} {'avg inc':>8} {'forget':>7} {'BWT':>7} {'FWT':>7}")
+    def drift(v: float | None) -> str:
+        return "–" if v is None else f"{v:.3g}"
+
+    print(
+        f"{'strategy':<10} {'final acc':>9} {'avg inc':>8} {'forget':>7} {'BWT':>7} {'FWT':>7} {'drift':>8}"
+    )
     for name, r in rows.items():
         print(
             f"{name:<10} {pct(r['final_average_accuracy']):>9} {pct(r['average_incremental_accuracy']):>8} "
-            f"{pct(r['forgetting']):>7} {pct(r['bwt']):>7} {pct(r['fwt']):>7}"
+            f"{pct(r['forgetting']):>7} {pct(r['bwt']):>7} {pct(r['fwt']):>7} "
+            f"{drift(r.get('final_feature_drift')):>8}"
         )
 
 

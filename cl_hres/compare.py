@@ -37,6 +37,7 @@ def aggregate(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     out = {}
     for name, results in runs.items():
         row = {m: mean_std([r[m] for r in results]) for m in METRICS}
+        row["final_feature_drift"] = mean_std([r.get("final_feature_drift") for r in results])
         row["train_seconds"] = mean_std([r["timing"]["train_seconds"] for r in results])
         row["adapter_parameters"] = results[0]["trainable_parameters"]["adapter_total"]
         row["seeds"] = [r["seed"] for r in results]
@@ -44,25 +45,33 @@ def aggregate(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return out
 
 
-def _fmt(cell: dict[str, Any], pct: bool = True) -> str:
+def _fmt(cell: dict[str, Any], pct: bool = True, digits: int = 2) -> str:
     if cell["mean"] is None:
         return "–"
     k = 100 if pct else 1
     if len(cell["values"]) > 1:
-        return f"{k * cell['mean']:.2f} ± {k * cell['std']:.2f}"
-    return f"{k * cell['mean']:.2f}"
+        return f"{k * cell['mean']:.{digits}f} ± {k * cell['std']:.{digits}f}"
+    return f"{k * cell['mean']:.{digits}f}"
 
 
 def markdown_table(agg: dict[str, Any]) -> str:
-    """One row per strategy; accuracies and forgetting in percentage points."""
+    """One row per strategy; accuracies and forgetting in percentage points.
+
+    "old-feature drift" is the largest drift of an earlier experience's features at the
+    end of the stream, in units of the spread of the class means
+    (:class:`~cl_hres.plugins.FeatureDriftPlugin`).
+    """
     lines = [
-        "| strategy | final acc (%) | avg incr. acc (%) | forgetting (pp) | BWT (pp) | FWT (pp) | adapter params | train s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| strategy | final acc (%) | avg incr. acc (%) | forgetting (pp) | BWT (pp) | FWT (pp) "
+        "| old-feature drift (class spreads) | adapter params | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in agg.items():
+        drift = row.get("final_feature_drift") or mean_std([])
         lines.append(
             f"| {name} | {_fmt(row['final_average_accuracy'])} | {_fmt(row['average_incremental_accuracy'])} "
             f"| {_fmt(row['forgetting'])} | {_fmt(row['bwt'])} | {_fmt(row['fwt'])} "
+            f"| {_fmt(drift, pct=False, digits=3)} "
             f"| {row['adapter_parameters']:,} | {_fmt(row['train_seconds'], pct=False)} |"
         )
     return "\n".join(lines) + "\n"

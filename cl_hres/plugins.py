@@ -4,6 +4,9 @@
   feeds the head statistics when it ends.
 * :class:`NullSpaceProjectionPlugin` collects the old inputs' covariance after each
   experience and keeps new experts' ``down`` weights in its null space after every step.
+* :class:`FeatureDriftPlugin` measures, for any strategy, how far the features of earlier
+  experiences have moved, in units of the distance between class means: the figure that
+  tells feature drift apart from head confusion as the cause of forgetting.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from cl_hres.vit_adapters import expert_banks
 
 __all__ = [
     "ContinualViTPlugin",
+    "FeatureDriftPlugin",
+    "FeatureProbes",
     "FiniteLossPlugin",
     "NullSpaceProjectionPlugin",
     "TrainingDivergedError",
@@ -50,6 +55,78 @@ def eval_batches(
         seen += x.shape[0]
         if limit is not None and seen >= limit:
             return
+
+
+def model_features(model, x: torch.Tensor) -> torch.Tensor:
+    """Pre-logit features of a ContinualViT (or the output of any other model)."""
+    return model.features(x) if hasattr(model, "features") else model(x)
+
+
+class FeatureProbes:
+    """A fixed probe batch per experience and its features right after that experience.
+
+    Args:
+        size: Images kept per experience (the first ``size`` of its training data, with
+            evaluation transforms).
+    """
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self.x: list[torch.Tensor] = []
+        self.y: list[torch.Tensor] = []
+        self.ref: list[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    @torch.no_grad()
+    def add(self, model, strategy) -> None:
+        """Stores a probe of the experience just trained and its current features."""
+        x, y, _ = (torch.cat(parts) for parts in zip(*eval_batches(strategy, self.size)))
+        self.x.append(x)
+        self.y.append(y)
+        self.ref.append(model_features(model, x))
+
+    @torch.no_grad()
+    def drift(self, model) -> dict[int, dict[str, float]]:
+        """How far each stored probe's features have moved since it was stored.
+
+        Returns:
+            ``{j: {"relative": ‖F − F_ref‖ / ‖F_ref‖, "class_spreads": rms_drift / spread}}``
+            where ``spread`` is the RMS distance of the class means of every probe's
+            current features from their centroid (one model, so drift does not inflate
+            it): at about 1, features of old classes have moved as far as the classes are
+            apart, and head statistics collected back then are stale.
+        """
+        if not self.x:
+            return {}
+        now = [model_features(model, x).double() for x in self.x]
+        feats, y = torch.cat(now), torch.cat(self.y)
+        means = torch.stack([feats[y == c].mean(0) for c in y.unique()])
+        spread = float((means - means.mean(0)).pow(2).sum(1).mean().sqrt())
+        out = {}
+        for j, (f_now, f) in enumerate(zip(now, self.ref)):
+            delta = f_now - f.double()
+            rms = float(delta.pow(2).sum(1).mean().sqrt())
+            out[j] = {
+                "relative": float(delta.norm() / f.double().norm().clamp_min(1e-12)),
+                "class_spreads": rms / max(spread, 1e-12),
+            }
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for j, (x, y, f) in enumerate(zip(self.x, self.y, self.ref)):
+            out[f"probe{j}.x"], out[f"probe{j}.y"], out[f"probe{j}.f"] = x, y, f
+        return out
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+        self.x, self.y, self.ref = [], [], []
+        while f"probe{len(self.x)}.x" in tensors:
+            j = len(self.x)
+            self.x.append(tensors[f"probe{j}.x"].to(device))
+            self.y.append(tensors[f"probe{j}.y"].to(device))
+            self.ref.append(tensors[f"probe{j}.f"].to(device))
 
 
 class ContinualViTPlugin(SupervisedPlugin, supports_distributed=True):
@@ -98,7 +175,7 @@ class NullSpaceProjectionPlugin(SupervisedPlugin, supports_distributed=True):
         self.config = config or NullSpaceConfig()
         self.probe_size = probe_size
         self.guard: NullSpaceGuard | None = None
-        self.probes: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.probes = FeatureProbes(probe_size)
         self.history: list[dict] = []
 
     def _guard(self, strategy) -> NullSpaceGuard:
@@ -113,10 +190,10 @@ class NullSpaceProjectionPlugin(SupervisedPlugin, supports_distributed=True):
         """Covariance statistics and interference probes, as tensors (for checkpoints)."""
         if self.guard is None:
             return {}
-        out = {f"guard.{k}": v for k, v in self.guard.state_dict().items()}
-        for j, (x, f) in enumerate(self.probes):
-            out[f"probe{j}.x"], out[f"probe{j}.f"] = x, f
-        return out
+        return {
+            **{f"guard.{k}": v for k, v in self.guard.state_dict().items()},
+            **self.probes.state_dict(),
+        }
 
     def load_state_dict(
         self, tensors: dict[str, torch.Tensor], history: list[dict], strategy
@@ -127,20 +204,11 @@ class NullSpaceProjectionPlugin(SupervisedPlugin, supports_distributed=True):
         self._guard(strategy).load_state_dict(
             {k[len(prefix) :]: v.to(device) for k, v in tensors.items() if k.startswith(prefix)}
         )
-        self.probes = []
-        while f"probe{len(self.probes)}.x" in tensors:
-            j = len(self.probes)
-            self.probes.append(
-                (tensors[f"probe{j}.x"].to(device), tensors[f"probe{j}.f"].to(device))
-            )
+        self.probes.load_state_dict(tensors, device)
         # JSON turned the integer keys of the interference dicts into strings.
         self.history = [
             dict(h, interference={int(k): v for k, v in h["interference"].items()}) for h in history
         ]
-
-    @staticmethod
-    def _features(model, x: torch.Tensor) -> torch.Tensor:
-        return model.features(x) if hasattr(model, "features") else model(x)
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         # The new expert's initial down weights must already lie in the null space.
@@ -158,13 +226,9 @@ class NullSpaceProjectionPlugin(SupervisedPlugin, supports_distributed=True):
         model = strategy.model
         was_training = model.training
         model.eval()
-        guard.collect(lambda x: self._features(model, x), (x for x, _, _ in eval_batches(strategy)))
-        interference = {}
-        for j, (x, ref) in enumerate(self.probes):
-            now = self._features(model, x)
-            interference[j] = float((now - ref).norm() / ref.norm().clamp_min(1e-12))
-        probe = torch.cat([x for x, _, _ in eval_batches(strategy, self.probe_size)])
-        self.probes.append((probe, self._features(model, probe)))
+        guard.collect(lambda x: model_features(model, x), (x for x, _, _ in eval_batches(strategy)))
+        interference = {j: d["relative"] for j, d in self.probes.drift(model).items()}
+        self.probes.add(model, strategy)
         self.history.append(
             {
                 "experience": len(self.history),
@@ -174,6 +238,51 @@ class NullSpaceProjectionPlugin(SupervisedPlugin, supports_distributed=True):
             }
         )
         model.train(was_training)
+
+
+class FeatureDriftPlugin(SupervisedPlugin, supports_distributed=True):
+    """Records, after each experience, how far earlier experiences' features have moved.
+
+    Works with any strategy whose model has a ``features`` method (else its output is
+    used). :attr:`history` holds one entry per experience:
+    ``{"experience": i, "drift": {j: {"relative": ..., "class_spreads": ...}}}`` for every
+    earlier experience ``j`` (see :meth:`FeatureProbes.drift`). Under ``torchrun`` each
+    rank measures its own shard; rank 0's figures are reported.
+
+    Args:
+        probe_size: Training images kept per experience.
+    """
+
+    def __init__(self, *, probe_size: int = 64) -> None:
+        super().__init__()
+        self.probes = FeatureProbes(probe_size)
+        self.history: list[dict] = []
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The probes and their reference features, as tensors (for checkpoints)."""
+        return self.probes.state_dict()
+
+    def load_state_dict(
+        self, tensors: dict[str, torch.Tensor], history: list[dict], strategy
+    ) -> None:
+        """Inverse of :meth:`state_dict`; ``history`` comes back from JSON."""
+        self.probes.load_state_dict(tensors, torch.device(strategy.device))
+        self.history = [dict(h, drift={int(k): v for k, v in h["drift"].items()}) for h in history]
+
+    @torch.no_grad()
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        model = strategy.model
+        was_training = model.training
+        model.eval()
+        drift = self.probes.drift(model)
+        self.probes.add(model, strategy)
+        self.history.append({"experience": len(self.history), "drift": drift})
+        model.train(was_training)
+
+    def final_drift(self) -> float | None:
+        """The largest drift, in class spreads, of any earlier experience after the last one."""
+        last = self.history[-1]["drift"] if self.history else {}
+        return max((d["class_spreads"] for d in last.values()), default=None)
 
 
 class TrainingDivergedError(ClHresError):

@@ -174,6 +174,14 @@ def _make_strategy(prep: Prepared, tb_dir: Path):
     return strategy, logger
 
 
+def _stateful_plugins(strategy) -> dict[str, Any]:
+    """The strategy's plugins with checkpointed tensors and history, by key prefix."""
+    plugins = {"drift": strategy.drift_plugin}
+    if strategy.nsp_plugin is not None:
+        plugins["nsp"] = strategy.nsp_plugin
+    return plugins
+
+
 def execute(
     prep: Prepared,
     out: Path,
@@ -192,7 +200,7 @@ def execute(
     main_rank = distributed.rank() == 0
     config_dict = cfg.to_dict()
     ckpt_dir = out / "checkpoints"
-    state: dict[str, Any] = {"rows": [], "baseline": None, "train_seconds": [], "nsp_history": []}
+    state: dict[str, Any] = {"rows": [], "baseline": None, "train_seconds": [], "histories": {}}
     checkpoint = latest_checkpoint(ckpt_dir) if resume else None
     loaded = load_checkpoint(checkpoint, config_dict) if checkpoint else None
     if overwrite and main_rank:
@@ -222,10 +230,10 @@ def execute(
         rebuild_structure(model, saved["structure"])
         model.load_state_dict(model_tensors)
         model.to(cfg.device)
-        if strategy.nsp_plugin is not None:
-            strategy.nsp_plugin.load_state_dict(
-                {k[len("nsp.") :]: v for k, v in extra.items() if k.startswith("nsp.")},
-                saved["nsp_history"],
+        for prefix, plugin in _stateful_plugins(strategy).items():
+            plugin.load_state_dict(
+                {k[len(prefix) + 1 :]: v for k, v in extra.items() if k.startswith(f"{prefix}.")},
+                saved["histories"][prefix],
                 strategy,
             )
         restore_rng({k: v for k, v in extra.items() if k.startswith("rng.")}, saved["rng"])
@@ -254,8 +262,8 @@ def execute(
         state["train_seconds"].append(time.perf_counter() - t0)
         row = evaluate()
         state["rows"].append(row)
-        if strategy.nsp_plugin is not None:
-            state["nsp_history"] = strategy.nsp_plugin.history
+        plugins = _stateful_plugins(strategy)
+        state["histories"] = {prefix: p.history for prefix, p in plugins.items()}
         if main_rank:
             writer = logger.writer
             for j, acc in enumerate(row):
@@ -266,7 +274,7 @@ def execute(
                 ckpt_dir,
                 i,
                 model=model,
-                nsp_state=strategy.nsp_plugin.state_dict() if strategy.nsp_plugin else None,
+                plugin_states={prefix: p.state_dict() for prefix, p in plugins.items()},
                 state=dict(state, config=config_dict),
             )
         bar.update(1)
@@ -305,7 +313,9 @@ def execute(
             "adapter_last_experience": model.adapter_parameter_count(),
             "head": model.train_head.weight.numel() + model.train_head.bias.numel(),
         },
-        "null_space": state["nsp_history"] or None,
+        "null_space": state["histories"].get("nsp") or None,
+        "feature_drift": state["histories"]["drift"] or None,
+        "final_feature_drift": strategy.drift_plugin.final_drift(),
         "timing": {
             "train_seconds": sum(state["train_seconds"]),
             "per_experience": state["train_seconds"],

@@ -23,7 +23,7 @@ from cl_hres import distributed
 from cl_hres.config import HResConfig, LoRAConfig, NullSpaceConfig, VPTConfig
 from cl_hres.errors import ConfigError
 from cl_hres.model import ContinualViT
-from cl_hres.plugins import ContinualViTPlugin, NullSpaceProjectionPlugin
+from cl_hres.plugins import ContinualViTPlugin, FeatureDriftPlugin, NullSpaceProjectionPlugin
 
 __all__ = [
     "STRATEGIES",
@@ -144,7 +144,9 @@ class _ViTStrategy(SupervisedTemplate):
         self.seed = seed
         self.bf16 = bf16
         self._ddp: nn.Module | None = None
-        own: list[Any] = [ContinualViTPlugin()]
+        # Drift is measured for every strategy: it tells feature drift from head confusion.
+        self.drift_plugin = FeatureDriftPlugin()
+        own: list[Any] = [ContinualViTPlugin(), self.drift_plugin]
         self.nsp_plugin: NullSpaceProjectionPlugin | None = None
         if self.uses_nsp:
             self.nsp_plugin = NullSpaceProjectionPlugin(nsp_config)

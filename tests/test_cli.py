@@ -32,6 +32,8 @@ def test_run_writes_every_output(tmp_path, scenario, capsys):
     assert res["timing"]["train_seconds"] > 0
     assert res["config"]["backbone_kwargs"]["embed_dim"] == 64
     assert len(res["null_space"]) == 5 and res["null_space"][-1]["interference"]
+    assert [h["experience"] for h in res["feature_drift"]] == list(range(5))
+    assert sorted(res["feature_drift"][-1]["drift"]) == ["0", "1", "2", "3"]
     assert (out / "forgetting_curves.png").stat().st_size > 1000
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     if scenario == "class":
@@ -67,7 +69,14 @@ def test_compare_runs_every_strategy(tmp_path, scenario):
             == res["final_average_accuracy"]
         )
         assert len(res["accuracy_matrix"]) == (1 if name == "joint" else 3)
+    drift = {n: summary["strategies"][n]["final_feature_drift"]["mean"] for n in names}
+    # Frozen features do not move at all; NSP keeps them still; the others move them by
+    # a sizeable fraction of the distance between classes; joint has no "earlier".
+    assert drift["linear"] == 0 and drift["hres-nsp"] < 1e-3
+    assert drift["lora"] > 0.05 and drift["vpt"] > 0.05
+    assert drift["joint"] is None
     table = (out / "comparison.md").read_text()
+    assert "old-feature drift" in table
     assert all(f"| {n} |" in table for n in names)
     assert (out / "comparison.png").stat().st_size > 1000
 

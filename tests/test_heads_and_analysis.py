@@ -8,6 +8,7 @@ import torch
 from cl_hres.analysis import collapse_ratio
 from cl_hres.cli import main
 from cl_hres.heads import NCMHead, RidgeHead
+from cl_hres.plugins import FeatureProbes
 
 
 def _blobs(n=60, d=6, classes=3, seed=0):
@@ -122,3 +123,19 @@ def test_empty_batches_are_ignored():
     head = RidgeHead(6)
     head.update(torch.zeros(0, 6), torch.zeros(0, dtype=torch.long))
     assert head.num_classes == 0 and head.gram.abs().sum() == 0
+
+
+def test_feature_drift_is_measured_in_class_spreads():
+    # Two classes at ±e1: class means ±e1 around centroid 0, so one spread is 1.
+    probes = FeatureProbes()
+    x = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [1.0, 0.0], [-1.0, 0.0]])
+    probes.x, probes.y, probes.ref = [x], [torch.tensor([0, 1, 0, 1])], [x.clone()]
+    assert probes.drift(lambda v: v) == {0: {"relative": 0.0, "class_spreads": 0.0}}
+
+    class Shift(torch.nn.Module):  # every feature moved by 0.5 along e2
+        def forward(self, v):
+            return v + torch.tensor([0.0, 0.5])
+
+    d = probes.drift(Shift())[0]
+    assert d["class_spreads"] == pytest.approx(0.5)
+    assert d["relative"] == pytest.approx(0.5)

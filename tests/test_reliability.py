@@ -26,6 +26,8 @@ def _assert_same_results(a: dict, b: dict) -> None:
     a, b = dict(a), dict(b)
     a.pop("timing"), b.pop("timing")
     na, nb = a.pop("null_space"), b.pop("null_space")
+    da, db = a.pop("feature_drift"), b.pop("feature_drift")
+    fa, fb = a.pop("final_feature_drift"), b.pop("final_feature_drift")
     assert a == b  # accuracy matrix, metrics, config, parameter counts: exactly equal
     # Weights are bit-identical after resume (checked below through the matrices); the
     # interference diagnostic subtracts nearly equal features and may differ by BLAS
@@ -33,6 +35,11 @@ def _assert_same_results(a: dict, b: dict) -> None:
     for ha, hb in zip(na, nb, strict=True):
         assert ha["null_space_dims"] == hb["null_space_dims"]
         assert ha["interference"] == pytest.approx(hb["interference"], rel=1e-4)
+    # Drift, in class spreads (order 1 where it matters), has the same rounding.
+    assert fa == pytest.approx(fb, rel=1e-4, abs=1e-6)
+    for ha, hb in zip(da, db, strict=True):
+        for j, d in ha["drift"].items():
+            assert d == pytest.approx(hb["drift"][j], rel=1e-4, abs=1e-6)
 
 
 def _snapshot(path: Path) -> dict:
