@@ -45,13 +45,13 @@ def aggregate(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return out
 
 
-def _fmt(cell: dict[str, Any], pct: bool = True, digits: int = 2) -> str:
+def _fmt(cell: dict[str, Any], pct: bool = True, spec: str = ".2f") -> str:
     if cell["mean"] is None:
         return "–"
     k = 100 if pct else 1
     if len(cell["values"]) > 1:
-        return f"{k * cell['mean']:.{digits}f} ± {k * cell['std']:.{digits}f}"
-    return f"{k * cell['mean']:.{digits}f}"
+        return f"{k * cell['mean']:{spec}} ± {k * cell['std']:{spec}}"
+    return f"{k * cell['mean']:{spec}}"
 
 
 def markdown_table(agg: dict[str, Any]) -> str:
@@ -68,10 +68,12 @@ def markdown_table(agg: dict[str, Any]) -> str:
     ]
     for name, row in agg.items():
         drift = row.get("final_feature_drift") or mean_std([])
+        # Drift spans 0 (frozen), ~1e-7 (null space) and ~1 (sequential tuning).
+        small = drift["mean"] is not None and 0 < abs(drift["mean"]) < 0.01
         lines.append(
             f"| {name} | {_fmt(row['final_average_accuracy'])} | {_fmt(row['average_incremental_accuracy'])} "
             f"| {_fmt(row['forgetting'])} | {_fmt(row['bwt'])} | {_fmt(row['fwt'])} "
-            f"| {_fmt(drift, pct=False, digits=3)} "
+            f"| {_fmt(drift, pct=False, spec='.1e' if small else '.2f')} "
             f"| {row['adapter_parameters']:,} | {_fmt(row['train_seconds'], pct=False)} |"
         )
     return "\n".join(lines) + "\n"
