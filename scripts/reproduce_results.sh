@@ -8,9 +8,12 @@ ALL=hres-nsp,hres,lora,lora-nsp,vpt,linear,finetune,joint
 for sc in class task; do
   cl-hres compare --strategies $ALL --scenario $sc --seeds 0,1,2 --out results/split-digits-$sc --overwrite --no-progress
 done
-# Joint training at its validation-tuned learning rate (results/sweeps/joint-lr).
+# Joint training and LoRA-NSP at their validation-tuned learning rate
+# (results/sweeps/joint-lr, results/sweeps/lora-nsp).
 for sc in class task; do
-  cl-hres compare --strategies joint --lr 3e-4 --scenario $sc --seeds 0,1,2 --out results/split-digits-$sc-joint-lr3e-4 --overwrite --no-progress
+  for st in joint lora-nsp; do
+    cl-hres compare --strategies $st --lr 3e-4 --scenario $sc --seeds 0,1,2 --out results/split-digits-$sc-$st-lr3e-4 --overwrite --no-progress
+  done
 done
 # Claims of the paper on the default run and a VPT run of the same stream.
 cl-hres analyze --run results/split-digits-class/hres-nsp/seed0 --other-run results/split-digits-class/vpt/seed0
@@ -31,6 +34,8 @@ $S --out results/sweeps/lr --base '{"strategy": "hres-nsp"}' --grid '{"lr": [3e-
 for s in lora vpt; do
   $S --out results/sweeps/$s-lr --base "{\"strategy\": \"$s\"}" --grid '{"lr": [1e-4, 3e-4, 1e-3, 3e-3]}'
 done
+$S --out results/sweeps/lora-nsp --base '{"strategy": "lora-nsp"}' \
+   --grid '{"nsp_threshold": [1e-10, 1e-8, 1e-6, 1e-4], "lr": [3e-4, 1e-3, 3e-3]}'
 $S --out results/sweeps/joint-lr --base '{"strategy": "joint"}' --grid '{"lr": [1e-4, 3e-4, 1e-3, 3e-3], "epochs": [1, 5]}'
 # Costs (ViT-S/16 layout at 224 px, r = 32, batch 16 on this CPU).
 cl-hres bench --config vit-s --batch-size 16 --iters 3 --out results/bench-cpu
