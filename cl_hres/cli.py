@@ -231,6 +231,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=not args.no_progress,
     )
+    from cl_hres import distributed
+
+    if distributed.rank() != 0:  # rank 0 reports for everyone
+        return 0
     print(markdown_table(summary["strategies"]), end="")
     print(f"comparison: {args.out / 'comparison.md'}")
     return 0

@@ -7,9 +7,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from cl_hres import distributed
 from cl_hres.errors import ConfigError
 from cl_hres.run_config import RunConfig
-from cl_hres.runner import check_output_dir, execute, prepare
+from cl_hres.runner import check_output_dir, execute, join_process_group, prepare
 
 __all__ = ["METRICS", "aggregate", "compare", "markdown_table", "mean_std"]
 
@@ -93,6 +94,7 @@ def compare(
     from cl_hres.checkpoint import atomic_write_text
     from cl_hres.plots import plot_comparison
 
+    join_process_group(base)
     configs = {}
     for name in strategies:
         for seed in seeds:
@@ -108,6 +110,8 @@ def compare(
     # written; the others are prepared just before they run, not all held in memory.
     keys = list(configs)
     first_prep = prepare(configs[keys[0]])
+    # Every rank has checked the output directories before rank 0 writes into them.
+    distributed.barrier()
     first = first_prep.config
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in strategies}
     for key in keys:
@@ -131,6 +135,8 @@ def compare(
         "head": first.head,
         "strategies": agg,
     }
+    if distributed.rank() != 0:
+        return summary
     atomic_write_text(out / "comparison.json", json.dumps(summary, indent=1))
     table = markdown_table(agg)
     header = (

@@ -335,6 +335,15 @@ def execute(
     return results
 
 
+def join_process_group(config: RunConfig) -> None:
+    """Under ``torchrun``, joins the process group and sets this rank's device."""
+    # Avalanche builds a logger at import time, which it refuses on a non-main rank once a
+    # process group exists: import it before joining the group.
+    import cl_hres.strategies  # noqa: F401
+
+    config.device = distributed.init_from_env(config.device)
+
+
 def run(
     config: RunConfig,
     out: Path,
@@ -344,11 +353,7 @@ def run(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Validates, then executes one run (the ``cl-hres run`` command)."""
-    # Avalanche builds a logger at import time, which it refuses on a non-main rank once a
-    # process group exists: import it before joining the group.
-    import cl_hres.strategies  # noqa: F401
-
-    config.device = distributed.init_from_env(config.device)
+    join_process_group(config)
     check_output_dir(out, resume=resume, overwrite=overwrite)
     prep = prepare(config)
     # Every rank has checked --out before rank 0 writes into it.

@@ -10,36 +10,29 @@ import pytest
 
 from cl_hres.cli import main
 
+TORCHRUN = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+needs_torchrun = pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
 
-@pytest.mark.skipif(
-    shutil.which("torchrun") is None
-    and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
-    reason="torchrun not installed",
-)
-def test_two_processes_match_one(tmp_path):
-    # Task-incremental: also covers the untrained baseline and the per-task heads.
-    args = ["--experiences", "3", "--epochs", "1", "--scenario", "task", "--no-progress"]
-    single, multi = tmp_path / "single", tmp_path / "multi"
-    assert main(["run", "--out", str(single), *args]) == 0
-    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [
-            torchrun,
-            "--standalone",  # a free port: no clash with anything else on the machine
-            "--nproc_per_node=2",
-            "-m",
-            "cl_hres",
-            "run",
-            "--out",
-            str(multi),
-            *args,
-        ],
+
+def _torchrun(*argv: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    return subprocess.run(
+        # --standalone: a free port, no clash with anything else on the machine.
+        [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "cl_hres", *argv],
         capture_output=True,
         text=True,
         env=env,
         timeout=300,
     )
+
+
+@needs_torchrun
+def test_two_processes_match_one(tmp_path):
+    # Task-incremental: also covers the untrained baseline and the per-task heads.
+    args = ["--experiences", "3", "--epochs", "1", "--scenario", "task", "--no-progress"]
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    assert main(["run", "--out", str(single), *args]) == 0
+    proc = _torchrun("run", "--out", str(multi), *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("hres-nsp ") == 1  # only rank 0 reports
     a = json.loads((single / "results.json").read_text())
@@ -54,3 +47,16 @@ def test_two_processes_match_one(tmp_path):
     assert b["untrained_accuracy"] == pytest.approx(a["untrained_accuracy"], abs=1e-12)
     # Only rank 0 wrote TensorBoard events.
     assert len(list((multi / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
+@needs_torchrun
+def test_compare_under_torchrun_writes_once(tmp_path):
+    out = tmp_path / "cmp"
+    args = ["--experiences", "2", "--epochs", "1", "--no-progress"]
+    proc = _torchrun("compare", "--strategies", "hres-nsp,linear", "--out", str(out), *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("| hres-nsp |") == 1  # one table, printed by rank 0
+    summary = json.loads((out / "comparison.json").read_text())
+    assert list(summary["strategies"]) == ["hres-nsp", "linear"]
+    for name in ("hres-nsp", "linear"):
+        assert json.loads((out / name / "seed0" / "results.json").read_text())["world_size"] == 2
