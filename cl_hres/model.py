@@ -148,12 +148,17 @@ class ContinualViT(nn.Module):
                 bank.add_expert(device=self.device)
         self.experiences_seen += 1
 
+    @property
+    def has_statistics_pass(self) -> bool:
+        """Whether :meth:`end_experience` runs a forward pass over the experience's data."""
+        return self.head_kind != "linear"
+
     @torch.no_grad()
     def end_experience(
         self, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     ) -> None:
         """Adds an experience's training features ``(x, y, task)`` to the statistics heads."""
-        if self.head_kind == "linear":
+        if not self.has_statistics_pass:
             return
         was_training = self.training
         self.eval()

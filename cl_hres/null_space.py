@@ -206,22 +206,34 @@ class NullSpaceGuard:
     def collect(
         self, forward: Callable[[torch.Tensor], object], batches: Iterable[torch.Tensor]
     ) -> None:
-        """Runs ``forward`` over ``batches`` while recording, then refreshes the projectors.
+        """Runs ``forward`` over ``batches`` while recording, then refreshes the projectors."""
+        with self.collecting():
+            for x in batches:
+                forward(x)
 
-        Under torch.distributed each rank records its shard; the increments are summed
-        over ranks before the projectors are computed, so every rank gets the same ones.
+    @contextmanager
+    def collecting(self):
+        """Like :meth:`recording`, then combines ranks and refreshes the projectors.
+
+        Lets a forward pass that runs anyway (e.g. the one feeding a statistics head)
+        also feed the covariance, instead of a second pass over the data. Under
+        torch.distributed each rank records its shard; the increments are summed over
+        ranks before the projectors are computed, so every rank gets the same ones.
         """
         accs = self._ensure_accumulators()
         before = [(a.sums.clone(), torch.tensor(a.counts, dtype=torch.float64)) for a in accs]
         with self.recording():
-            for x in batches:
-                forward(x)
+            yield
+        self._combine_ranks(accs, before)
+        self.refresh()
+
+    @torch.no_grad()
+    def _combine_ranks(self, accs: list, before: list) -> None:
         for acc, (sums, counts) in zip(accs, before):
             distributed.all_reduce_increment_(acc.sums, sums)
             now = torch.tensor(acc.counts, dtype=torch.float64)
             distributed.all_reduce_increment_(now, counts)
             acc.counts = [int(c) for c in now.tolist()]
-        self.refresh()
 
     @torch.no_grad()
     def refresh(self) -> None:

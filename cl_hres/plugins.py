@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, ExitStack
 
 import torch
 from avalanche.core import SupervisedPlugin
@@ -147,7 +148,15 @@ class ContinualViTPlugin(SupervisedPlugin, supports_distributed=True):
         strategy.model.to(strategy.device)
 
     def after_training_exp(self, strategy, **kwargs) -> None:
-        strategy.model.end_experience(eval_batches(strategy))
+        model = strategy.model
+        with ExitStack() as stack:
+            if model.has_statistics_pass:
+                # One pass over the data feeds the head and every plugin that shares it
+                # (the NSP covariance), instead of one pass each.
+                for plugin in strategy.plugins:
+                    if hasattr(plugin, "statistics_pass"):
+                        stack.enter_context(plugin.statistics_pass(strategy))
+            model.end_experience(eval_batches(strategy))
 
     def before_eval_exp(self, strategy, **kwargs) -> None:
         # Test streams hold classes not trained yet: their logits must exist (as -inf)
@@ -177,6 +186,7 @@ class NullSpaceProjectionPlugin(SupervisedPlugin, supports_distributed=True):
         self.guard: NullSpaceGuard | None = None
         self.probes = FeatureProbes(probe_size)
         self.history: list[dict] = []
+        self._collected = False
 
     def _guard(self, strategy) -> NullSpaceGuard:
         if self.guard is None:
@@ -210,6 +220,15 @@ class NullSpaceProjectionPlugin(SupervisedPlugin, supports_distributed=True):
             dict(h, interference={int(k): v for k, v in h["interference"].items()}) for h in history
         ]
 
+    def statistics_pass(self, strategy) -> AbstractContextManager:
+        """Context in which another plugin's pass over the experience's data feeds the covariance.
+
+        :class:`ContinualViTPlugin` enters it around its statistics-head pass in
+        ``after_training_exp`` (before this plugin's), which saves a second pass.
+        """
+        self._collected = True
+        return self._guard(strategy).collecting()
+
     def before_training_exp(self, strategy, **kwargs) -> None:
         # The new expert's initial down weights must already lie in the null space.
         self._guard(strategy).project_weights()
@@ -226,7 +245,11 @@ class NullSpaceProjectionPlugin(SupervisedPlugin, supports_distributed=True):
         model = strategy.model
         was_training = model.training
         model.eval()
-        guard.collect(lambda x: model_features(model, x), (x for x, _, _ in eval_batches(strategy)))
+        if not self._collected:  # no shared pass ran (e.g. a linear head, another strategy)
+            guard.collect(
+                lambda x: model_features(model, x), (x for x, _, _ in eval_batches(strategy))
+            )
+        self._collected = False
         interference = {j: d["relative"] for j, d in self.probes.drift(model).items()}
         self.probes.add(model, strategy)
         self.history.append(

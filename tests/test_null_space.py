@@ -199,3 +199,38 @@ def test_guard_step_keeps_weights_in_null_space():
     for bank, proj in zip(guard.banks, guard.projectors):
         for w in bank.trainable_down_weights():
             torch.testing.assert_close(w @ proj, w, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("head", ["ridge", "linear"])
+def test_covariance_shares_the_head_statistics_pass(head, monkeypatch):
+    from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from cl_hres import HResNSP
+    from cl_hres.data import load_digits_data
+
+    data = load_digits_data()
+    bm = class_incremental_benchmark(
+        {"train": data.train, "test": data.test}, num_experiences=5, seed=0
+    )
+    own_passes = []
+    collect = NullSpaceGuard.collect
+    monkeypatch.setattr(
+        NullSpaceGuard, "collect", lambda self, *a: own_passes.append(1) or collect(self, *a)
+    )
+    strategy = HResNSP(
+        model=make_vit(),
+        train_mb_size=64,
+        train_epochs=1,
+        eval_mb_size=256,
+        head=head,
+        evaluator=EvaluationPlugin(loggers=[]),
+    )
+    for exp in bm.train_stream[:2]:
+        strategy.train(exp)
+    images = sum(len(exp.dataset) for exp in bm.train_stream[:2])
+    # Every training image counted exactly once per experience (cls group, 4 patches)...
+    for acc in strategy.nsp_plugin.guard.accumulators:
+        assert acc.counts == [images, 4 * images]
+    # ...through the head's pass when there is one, else through the plugin's own pass.
+    assert len(own_passes) == (0 if head == "ridge" else 2)
