@@ -200,7 +200,13 @@ def execute(
     main_rank = distributed.rank() == 0
     config_dict = cfg.to_dict()
     ckpt_dir = out / "checkpoints"
-    state: dict[str, Any] = {"rows": [], "baseline": None, "train_seconds": [], "histories": {}}
+    state: dict[str, Any] = {
+        "rows": [],
+        "baseline": None,
+        "train_seconds": [],
+        "histories": {},
+        "clock": {},
+    }
     checkpoint = latest_checkpoint(ckpt_dir) if resume else None
     loaded = load_checkpoint(checkpoint, config_dict) if checkpoint else None
     if overwrite and main_rank:
@@ -238,6 +244,9 @@ def execute(
             )
         restore_rng({k: v for k, v in extra.items() if k.startswith("rng.")}, saved["rng"])
         state = {k: saved[k] for k in state}
+        # Avalanche's counters: TensorBoard steps and experience numbers continue.
+        for name, value in state["clock"].items():
+            setattr(strategy.clock, name, value)
     else:
         seed_everything(cfg.seed)
         if cfg.scenario == "task":
@@ -264,6 +273,7 @@ def execute(
         state["rows"].append(row)
         plugins = _stateful_plugins(strategy)
         state["histories"] = {prefix: p.history for prefix, p in plugins.items()}
+        state["clock"] = {k: v for k, v in vars(strategy.clock).items() if type(v) is int}
         if main_rank:
             writer = logger.writer
             for j, acc in enumerate(row):

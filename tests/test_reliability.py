@@ -68,6 +68,19 @@ def test_sigkill_during_experience_then_resume_matches_uninterrupted(tmp_path):
     assert not (killed / "results.json").exists()
     assert main(["run", "--resume", "--out", str(killed), "--no-progress"]) == 0
     _assert_same_results(_results(ref), _results(killed))
+    # Avalanche's clock was restored: the resumed run logs at the same iteration steps.
+    assert _tensorboard_steps(killed) == _tensorboard_steps(ref)
+
+
+def _tensorboard_steps(run: Path) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = set()
+    for events in (run / "tensorboard").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        steps |= {e.step for e in acc.Scalars("Top1_Acc_Stream/eval_phase/test_stream")}
+    return sorted(steps)
 
 
 def test_ctrl_c_leaves_a_resumable_state(tmp_path, monkeypatch, capsys):
