@@ -188,6 +188,13 @@ def _print_summary(rows: dict[str, dict[str, Any]]) -> None:
         )
 
 
+def _reports() -> bool:
+    """Whether this process prints the summary: rank 0 reports for every torchrun rank."""
+    from cl_hres import distributed
+
+    return distributed.rank() == 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from cl_hres.runner import run
 
@@ -199,9 +206,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
-    from cl_hres import distributed
-
-    if distributed.rank() != 0:  # rank 0 reports for everyone
+    if not _reports():
         return 0
     _print_summary({results["strategy"]: results})
     print(f"results: {args.out / 'results.json'}")
@@ -231,9 +236,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=not args.no_progress,
     )
-    from cl_hres import distributed
-
-    if distributed.rank() != 0:  # rank 0 reports for everyone
+    if not _reports():
         return 0
     print(markdown_table(summary["strategies"]), end="")
     print(f"comparison: {args.out / 'comparison.md'}")

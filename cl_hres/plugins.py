@@ -77,9 +77,6 @@ class FeatureProbes:
         self.y: list[torch.Tensor] = []
         self.ref: list[torch.Tensor] = []
 
-    def __len__(self) -> int:
-        return len(self.x)
-
     @torch.no_grad()
     def add(self, model, strategy) -> None:
         """Stores a probe of the experience just trained and its current features."""
@@ -182,7 +179,6 @@ class NullSpaceProjectionPlugin(SupervisedPlugin, supports_distributed=True):
     def __init__(self, config: NullSpaceConfig | None = None, *, probe_size: int = 64) -> None:
         super().__init__()
         self.config = config or NullSpaceConfig()
-        self.probe_size = probe_size
         self.guard: NullSpaceGuard | None = None
         self.probes = FeatureProbes(probe_size)
         self.history: list[dict] = []
