@@ -5,7 +5,11 @@ Avalanche plugins and strategies live in :mod:`cl_hres.plugins` and
 :mod:`cl_hres.strategies`. Every name below is imported from its module on first use.
 """
 
+from cl_hres import _warnings
 from cl_hres._version import __version__
+
+# Before Avalanche is imported: it imports qpsolvers, which warns on import.
+_warnings.install()
 
 # Every public name is imported on first use: `cl-hres --help` and the config checks then
 # need neither torch (~3 s) nor Avalanche (~6 s, ~1 GB).

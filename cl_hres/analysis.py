@@ -133,8 +133,20 @@ def load_trained_model(run_dir: Path) -> tuple[ContinualViT, Any, dict[str, Any]
 
 
 def _test_batch(prep, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``limit`` test images and labels, in dataset order."""
-    loader = torch.utils.data.DataLoader(prep.data.test, batch_size=limit, shuffle=False)
+    """The first ``limit`` test images and labels, in dataset order, eval-transformed.
+
+    The images are what the model sees in evaluation (the backbone's eval transform).
+    """
+
+    class _Eval(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(prep.data.test)
+
+        def __getitem__(self, i: int):
+            image, label = prep.data.test[i][:2]
+            return prep.transforms[1](image), label
+
+    loader = torch.utils.data.DataLoader(_Eval(), batch_size=limit, shuffle=False)
     batch = next(iter(loader))
     return batch[0], torch.as_tensor(batch[1])
 

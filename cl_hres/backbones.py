@@ -1,16 +1,173 @@
-"""Create timm ViT backbones, with pretrained weights from the hub or from a local file."""
+"""Create timm ViT backbones, with pretrained weights from the hub, a local file, or shipped.
+
+cl-hres ships one small pretrained ViT as package data, registered with timm like any
+pretrained tag: ``vit_pico_patch7_28.fmnist`` (6 blocks, width 96, patch 7 on 28×28 grey
+images: 16 patch tokens), pretrained on Fashion-MNIST by ``scripts/pretrain_fmnist.py``.
+Its weights (``cl_hres/pretrained/fmnist.safetensors``) and timm-style pretrained config
+with provenance (``fmnist.json``) come with ``pip install``, so
+``timm.create_model("vit_pico_patch7_28.fmnist", pretrained=True)`` works offline once
+``cl_hres.backbones`` has been imported.
+"""
 
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
+import os
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from torch import nn
 
 from cl_hres.errors import ConfigError, DataError
 
-__all__ = ["create_backbone"]
+__all__ = [
+    "SHIPPED_BACKBONE",
+    "create_backbone",
+    "describe_weights",
+    "register_shipped_backbone",
+    "shipped_architecture",
+    "shipped_card",
+]
+
+SHIPPED_ARCH = "vit_pico_patch7_28"
+SHIPPED_TAG = "fmnist"
+SHIPPED_BACKBONE = f"{SHIPPED_ARCH}.{SHIPPED_TAG}"
+# The architecture of the shipped backbone: timm's VisionTransformer at 28×28, 1 channel.
+_SHIPPED_ARGS: dict[str, Any] = {
+    "img_size": 28,
+    "patch_size": 7,
+    "in_chans": 1,
+    "embed_dim": 96,
+    "depth": 6,
+    "num_heads": 3,
+    "mlp_ratio": 4.0,
+}
+_PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+_registered = False
+
+
+def shipped_card() -> dict[str, Any] | None:
+    """The shipped backbone's pretrained config and provenance, or None if not built yet."""
+    path = _PRETRAINED_DIR / f"{SHIPPED_TAG}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _build_pico(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    from timm.models import build_model_with_cfg
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+    return build_model_with_cfg(
+        VisionTransformer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        **dict(_SHIPPED_ARGS, **kwargs),
+    )
+
+
+# timm's register_model reads the pretrained cfgs from the entrypoint's module: filled lazily
+# by register_shipped_backbone so that importing this module does not import timm.
+default_cfgs: dict[str, Any] = {}
+
+
+def vit_pico_patch7_28(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """ViT-Pico/7 at 28×28 (6 blocks, width 96, 3 heads): cl-hres's shipped backbone."""
+    return _build_pico(SHIPPED_ARCH, pretrained, **kwargs)
+
+
+def register_shipped_backbone() -> None:
+    """Registers ``vit_pico_patch7_28`` (and its ``.fmnist`` tag) in timm's model registry.
+
+    The tag's pretrained config (input size, mean, std, interpolation) is read from the
+    card the pretraining script wrote; ``file`` points at the shipped safetensors, so timm
+    loads it without a hub. Idempotent.
+    """
+    global _registered
+    if _registered:
+        return
+    from timm.models import generate_default_cfgs, register_model
+
+    cfgs: dict[str, dict[str, Any]] = {SHIPPED_ARCH: {"num_classes": 10}}
+    card = shipped_card()
+    if card is not None:
+        cfg = dict(card["pretrained_cfg"])
+        cfg["input_size"] = tuple(cfg["input_size"])
+        cfg["mean"], cfg["std"] = tuple(cfg["mean"]), tuple(cfg["std"])
+        cfg["file"] = str(_PRETRAINED_DIR / f"{SHIPPED_TAG}.safetensors")
+        cfgs = {SHIPPED_BACKBONE: cfg}
+    default_cfgs.clear()
+    default_cfgs.update(generate_default_cfgs(cfgs))
+    register_model(vit_pico_patch7_28)
+    _registered = True
+
+
+def shipped_architecture(**kwargs: Any) -> nn.Module:
+    """The shipped backbone's architecture, randomly initialised (for pretraining)."""
+    import timm
+
+    register_shipped_backbone()
+    return timm.create_model(SHIPPED_ARCH, pretrained=False, **kwargs)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers (one TCP connect, not ~20 retried requests)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host or "huggingface.co", 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _cached_hub_file(name: str) -> str | None:
+    """A local copy of ``name``'s hub weights in the Hugging Face cache, if any."""
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id:
+        return None
+    for filename in (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin"):
+        if filename:
+            found = try_to_load_from_cache(cfg.hf_hub_id, filename)
+            if isinstance(found, str):
+                return found
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_weights(name: str, pretrained: bool, weights: str | Path | None) -> dict[str, Any]:
+    """Where a backbone's weights come from, for results.json."""
+    if weights is not None:
+        path = Path(weights).resolve()
+        return {"name": name, "weights": "file", "file": str(path), "sha256": _sha256(path)}
+    if not pretrained:
+        return {"name": name, "weights": "random (seeded)"}
+    card = shipped_card() if name == SHIPPED_BACKBONE else None
+    if card is not None:
+        prov = card["provenance"]
+        return {
+            "name": name,
+            "weights": "shipped with cl-hres",
+            "sha256": prov["sha256"],
+            "pretrained_on": prov["data"],
+            "pretraining_test_accuracy": prov["test_accuracy"],
+            "pretraining_command": prov["command"],
+        }
+    return {"name": name, "weights": "timm pretrained (Hugging Face hub or its cache)"}
 
 
 def create_backbone(
@@ -41,6 +198,7 @@ def create_backbone(
     import timm  # deferred: importing timm costs ~1 s, and the CLI's --help needs none
     from timm.models.vision_transformer import VisionTransformer
 
+    register_shipped_backbone()
     base = name.split(".")[0]
     if base not in timm.list_models():
         close = difflib.get_close_matches(base, timm.list_models("vit_*"), n=3)
@@ -56,6 +214,24 @@ def create_backbone(
             raise DataError(f"weights file not found: {path}")
         pretrained = True
         kwargs["pretrained_cfg_overlay"] = {"file": str(path.resolve())}
+    elif pretrained:
+        cfg = timm.models.get_pretrained_cfg(name)
+        if cfg is None or not (cfg.file or cfg.url or cfg.hf_hub_id):
+            raise ConfigError(
+                f"backbone {name!r} has no pretrained weights in timm; name a pretrained tag "
+                f"(e.g. {base}.augreg_in21k), pass --weights FILE, or --no-pretrained"
+            )
+        if not cfg.file and not _hub_reachable():
+            # Offline: use the hub cache if it has the weights, else fail at once instead of
+            # letting huggingface_hub retry for a minute.
+            cached = _cached_hub_file(name)
+            if cached is None:
+                raise DataError(
+                    f"pretrained weights for {name!r} are not cached and the Hugging Face hub "
+                    "cannot be reached; download them where there is network and pass "
+                    "--weights PATH (a .safetensors file), or pass --no-pretrained"
+                )
+            kwargs["pretrained_cfg_overlay"] = {"file": cached}
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except (TypeError, AssertionError) as exc:  # timm asserts e.g. embed_dim % heads

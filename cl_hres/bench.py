@@ -171,7 +171,9 @@ def run_bench(
             guard = NullSpaceGuard(model.banks, NullSpaceConfig())
             with torch.no_grad():
                 model.eval()
-                guard.collect(model.features, [x])
+                # One image's tokens (fewer than the width) leave every bank a null space;
+                # the whole batch would span it, and a bank without one takes no expert.
+                guard.collect(model.features, [x[:1]])
                 model.train()
             model.begin_experience([(list(range(num_classes)), [0])])  # a second expert to train
             opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)

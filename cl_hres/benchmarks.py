@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,14 +25,15 @@ class BenchmarkSpec:
     """Defaults of a named benchmark (the published protocol where there is one)."""
 
     experiences: int
-    image_size: int | None
     description: str
 
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {
-    "split-digits": BenchmarkSpec(5, 8, "scikit-learn digits, 5 experiences of 2 classes"),
-    "split-cifar100": BenchmarkSpec(10, 224, "CIFAR-100 (torchvision), 10 experiences of 10"),
-    "imagenet-r": BenchmarkSpec(10, 224, "ImageNet-R from --data-root, 10 experiences of 20"),
+    "split-digits": BenchmarkSpec(5, "scikit-learn digits, 5 experiences of 2 classes"),
+    "split-cifar100": BenchmarkSpec(10, "CIFAR-100 (torchvision), 10 experiences of 10"),
+    "imagenet-r": BenchmarkSpec(
+        10, "ImageNet-R from --data-root, 10 experiences of 20 (train/ + test/ split if given)"
+    ),
 }
 
 
@@ -39,7 +41,6 @@ def load_benchmark_data(
     name: str,
     *,
     data_root: str | Path = "data",
-    image_size: int | None = None,
     validation: float = 0.0,
     seed: int = 0,
 ) -> SplitData:
@@ -48,32 +49,30 @@ def load_benchmark_data(
     Args:
         name: ``split-digits``, ``split-cifar100``, ``imagenet-r``, or a path.
         data_root: Where downloadable / local datasets live.
-        image_size: Resize images to this (folder and torchvision datasets).
         validation: Fraction of the training split returned as ``test`` (for sweeps;
             supported by split-digits and .npz data).
         seed: Seed of the validation split.
     """
-    spec = BENCHMARKS.get(name)
-    size = image_size or (spec.image_size if spec else None) or 224
     if validation and name not in ("split-digits",) and not name.endswith(".npz"):
         raise ConfigError("--validation is supported for split-digits and .npz data")
     if name == "split-digits":
         return load_digits_data(validation=validation, seed=seed)
     if name == "split-cifar100":
-        return load_cifar100(data_root, image_size=size)
+        return load_cifar100(data_root)
     if name == "imagenet-r":
         folder = Path(data_root) / "imagenet-r"
         if not folder.is_dir():
             raise DataError(
                 f"ImageNet-R not found at {folder}; download imagenet-r.tar from the ImageNet-R "
-                "authors' page, extract it there (imagenet-r/<class>/*.jpg) or pass --data-root"
+                "authors' page, extract it there (imagenet-r/<class>/*.jpg, or the published "
+                "imagenet-r/train/ + imagenet-r/test/ split) or pass --data-root"
             )
-        return load_image_folder(folder, image_size=size, name="imagenet-r", seed=seed)
+        return load_image_folder(folder, name="imagenet-r", seed=seed)
     path = Path(name)
     if path.suffix == ".npz":
         return load_npz(path, validation=validation, seed=seed)
     if path.is_dir():
-        return load_image_folder(path, image_size=size, seed=seed)
+        return load_image_folder(path, seed=seed)
     if path.exists():
         raise DataError(f"{path}: expected a .npz file or an image folder")
     close = difflib.get_close_matches(name, list(BENCHMARKS), n=1)
@@ -90,7 +89,14 @@ def class_split(num_classes: int, experiences: int, seed: int) -> tuple[list[int
     return order, [base + (1 if i < extra else 0) for i in range(experiences)]
 
 
-def build_stream(data: SplitData, *, experiences: int, scenario: str = "class", seed: int = 0):
+def build_stream(
+    data: SplitData,
+    *,
+    experiences: int,
+    scenario: str = "class",
+    seed: int = 0,
+    transforms: tuple[Any, Any] | None = None,
+):
     """An Avalanche benchmark with ``experiences`` experiences over all classes.
 
     Args:
@@ -99,18 +105,63 @@ def build_stream(data: SplitData, *, experiences: int, scenario: str = "class", 
         scenario: ``class`` (one task label, no task id at test) or ``task`` (task label
             = experience index, one head per task).
         seed: Fixes the class order.
+        transforms: ``(train, eval)`` transforms (:func:`cl_hres.transforms.build_transforms`);
+            Avalanche applies the train one in training and the eval one everywhere else.
     """
+    import warnings
+
     from avalanche.benchmarks.scenarios.supervised import (
         class_incremental_benchmark,
         with_classes_timeline,
     )
     from avalanche.benchmarks.scenarios.task_aware import task_incremental_benchmark
+    from avalanche.benchmarks.utils.classification_dataset import (
+        _as_taskaware_supervised_classification_dataset as as_dataset,
+    )
+
+    from cl_hres._warnings import ClHresWarning
 
     if scenario not in ("class", "task"):
         raise ConfigError(f"scenario must be class or task, got {scenario!r}")
+    # Avalanche needs the same classes in both splits; it would stop with a traceback
+    # ("datasets must all have the same classes").
+    train_classes, test_classes = (
+        set(np.unique(np.asarray(getattr(ds, "targets", []))).tolist())
+        for ds in (data.train, data.test)
+    )
+    for absent, split, other in (
+        (sorted(train_classes - test_classes), "test", "training"),
+        (sorted(test_classes - train_classes), "training", "test"),
+    ):
+        if absent:
+            shown = ", ".join(map(str, absent[:10])) + (", ..." if len(absent) > 10 else "")
+            raise DataError(
+                f"{data.name}: the {split} split has no images of class {shown}, which the "
+                f"{other} split has; every class needs images in both"
+            )
     order, per_exp = class_split(data.num_classes, experiences, seed)
+    if len(set(per_exp)) > 1:
+        single = per_exp.count(1)
+        warnings.warn(
+            f"{data.num_classes} classes do not split evenly into {experiences} experiences "
+            f"(classes per experience: {', '.join(map(str, per_exp))})"
+            + (
+                f"; {single} experience{'s' if single > 1 else ''} with a single class "
+                f"leave{'' if single > 1 else 's'} the training loss nothing to separate"
+                if single
+                else ""
+            ),
+            ClHresWarning,
+            stacklevel=2,
+        )
+    splits = {"train": data.train, "test": data.test}
+    if transforms is not None:
+        # What class_incremental_benchmark does to a plain dataset (task label 0), with
+        # train/eval transform groups; Avalanche has no public helper that adds both.
+        groups = {"train": transforms[0], "eval": transforms[1]}
+        splits = {k: as_dataset(v, transform_groups=groups) for k, v in splits.items()}
     bm = class_incremental_benchmark(
-        {"train": data.train, "test": data.test},
+        splits,
         class_order=order,
         num_classes_per_exp=per_exp,
     )

@@ -70,6 +70,10 @@ def model_structure(model: ContinualViT) -> dict[str, Any]:
     """What must be rebuilt before a state dict of ``model`` can be loaded."""
     return {
         "experts": [b.num_experts for b in model.banks],
+        # NSP state (covariance, projector) is part of the model's state dict.
+        "null_space": any(b.null_space is not None for b in model.banks),
+        # A bank that took no expert this experience has only frozen ones.
+        "trainable_expert": [bool(b.trainable_down_weights()) for b in model.banks],
         "head_classes": model.train_head.out_features,
         "stats_heads": {k: h.num_classes for k, h in model.stats_heads.items()},
         "task_classes": {str(k): v for k, v in model.task_classes.items()},
@@ -79,11 +83,19 @@ def model_structure(model: ContinualViT) -> dict[str, Any]:
 
 def rebuild_structure(model: ContinualViT, meta: dict[str, Any]) -> None:
     """Adds experts and grows heads so that ``model`` matches ``meta``."""
+    from cl_hres.null_space import attach_null_space
+
     if len(meta["experts"]) != len(model.banks):
         raise CheckpointError("checkpoint has a different number of adapted layers")
     for bank, count in zip(model.banks, meta["experts"]):
+        if meta.get("null_space"):
+            attach_null_space(bank)
         while bank.num_experts < count:
-            bank.add_expert(device=model.device)
+            # The saved layout wins, whatever the bank's state says now.
+            bank.add_expert(force=True)
+    for bank, trainable in zip(model.banks, meta.get("trainable_expert") or []):
+        if not trainable:
+            bank.requires_grad_(False)
     model.ensure_classes(meta["head_classes"])
     for key, n in meta["stats_heads"].items():
         head = model.stats_head(int(key))

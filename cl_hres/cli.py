@@ -1,8 +1,9 @@
-"""``cl-hres`` command line: run, compare, analyze, bench.
+"""The ``cl-hres`` command line: run, compare, analyze, bench.
 
 Errors caused by input (bad option values, missing or malformed data, foreign checkpoints)
 print one line on stderr and exit with status 2; nothing in ``--out`` is created or
-changed by a run that fails validation.
+changed by a run that fails validation or stream building. Option values are validated
+before torch and Avalanche are imported, so a bad one is reported within a second.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
+from cl_hres import _warnings
 from cl_hres.errors import ClHresError, ConfigError
 
 __all__ = ["main"]
@@ -23,13 +26,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _bool(text: str) -> bool:
-    low = text.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the line breaks of the group descriptions (the lists of choices)."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30)
 
 
 def _ridge(text: str) -> float | str:
@@ -50,101 +51,269 @@ def _int_list(text: str) -> list[int]:
         ) from None
 
 
-# Run options: (flag, RunConfig field, type). Every default lives in RunConfig.
-_RUN_OPTIONS: list[tuple[str, str, Any]] = [
-    ("--benchmark", "benchmark", str),
-    ("--strategy", "strategy", str),
-    ("--scenario", "scenario", str),
-    ("--experiences", "experiences", int),
-    ("--backbone", "backbone", str),
-    ("--weights", "weights", str),
-    ("--img-size", "img_size", int),
-    ("--epochs", "epochs", int),
-    ("--batch-size", "batch_size", int),
-    ("--eval-batch-size", "eval_batch_size", int),
-    ("--lr", "lr", float),
-    ("--weight-decay", "weight_decay", float),
-    ("--seed", "seed", int),
-    ("--device", "device", str),
-    ("--data-root", "data_root", str),
-    ("--head", "head", str),
-    ("--ridge", "ridge", _ridge),
-    ("--ridge-projection", "ridge_projection", int),
-    ("--rank", "rank", int),
-    ("--scale", "scale", float),
-    ("--nsp-rule", "nsp_rule", str),
-    ("--nsp-threshold", "nsp_threshold", float),
-    ("--nsp-eta", "nsp_eta", float),
-    ("--lora-rank", "lora_rank", int),
-    ("--lora-alpha", "lora_alpha", float),
-    ("--lora-targets", "lora_targets", str),
-    ("--vpt-length", "vpt_length", int),
-    ("--vpt-deep", "vpt_deep", _bool),
-    ("--validation", "validation", float),
+# One line per choice, shown in `run --help`. Kept here, not imported from the modules that
+# implement them, so that --help imports neither torch nor Avalanche; tests check that the
+# names agree with STRATEGY_NAMES and benchmarks.BENCHMARKS.
+STRATEGY_HELP: dict[str, str] = {
+    "hres-nsp": "H-Res expert per experience, kept in the null space of old inputs (proposed)",
+    "hres": "H-Res expert per experience, no null-space projection",
+    "lora": "one LoRA adapter trained sequentially",
+    "lora-nsp": "LoRA branch per experience with A in the null space (InfLoRA-like)",
+    "vpt": "visual prompt tuning, prompts trained sequentially",
+    "linear": "frozen backbone, only the head (linear probe)",
+    "finetune": "every backbone weight trained sequentially",
+    "joint": "one expert trained on all experiences at once (upper bound)",
+}
+BENCHMARK_HELP: dict[str, str] = {
+    "split-digits": "scikit-learn's 8x8 digits, 5 experiences of 2 classes (offline)",
+    "split-cifar100": "CIFAR-100 via torchvision into --data-root, 10 experiences of 10",
+    "imagenet-r": "ImageNet-R from --data-root/imagenet-r/, 10 experiences of 20",
+    "FILE.npz": "x_train, y_train, x_test, y_test; images N×H×W or N×H×W×C (docs/data.md)",
+    "DIRECTORY": "an ImageFolder (one sub-folder per class, or train/ and test/)",
+}
+_SCENARIO_HELP = {
+    "class": "no task id at test time; logits over every class seen",
+    "task": "task id given at test time; one head per task",
+}
+_HEAD_HELP = {
+    "ridge": "closed-form ridge classifier on accumulated feature statistics (RanPAC)",
+    "ncm": "nearest class mean",
+    "linear": "the trained linear head",
+}
+_NSP_RULE_HELP = {
+    "relative": "null space: eigenvalues <= threshold × largest, threshold in (0, 1)",
+    "energy": "protect the leading directions holding threshold of the energy (GPM)",
+    "ratio": "null space: eigenvalues <= threshold × smallest, threshold >= 1 (Adam-NSCL)",
+}
+
+
+def _choices(table: dict[str, str]) -> str:
+    width = max(map(len, table))
+    return "\n".join(f"  {name:<{width}}  {text}" for name, text in table.items())
+
+
+# Option groups of `run` / `compare`: (title, description, options). Each option is
+# (flag, RunConfig field, type); type None marks a --flag/--no-flag boolean. Every default
+# lives in RunConfig.
+_GROUPS: list[tuple[str, str, list[tuple[str, str, Any]]]] = [
+    (
+        "data and stream",
+        f"Benchmarks (--benchmark):\n{_choices(BENCHMARK_HELP)}\n"
+        f"Scenarios (--scenario):\n{_choices(_SCENARIO_HELP)}",
+        [
+            ("--benchmark", "benchmark", str),
+            ("--scenario", "scenario", str),
+            ("--experiences", "experiences", int),
+            ("--data-root", "data_root", str),
+            ("--img-size", "img_size", int),
+            ("--augment", "augment", str),
+            ("--validation", "validation", float),
+        ],
+    ),
+    (
+        "backbone",
+        "A frozen timm ViT. backbone_kwargs (e.g. {patch_size: 2}) go in a --config recipe.",
+        [
+            ("--backbone", "backbone", str),
+            ("--pretrained", "pretrained", None),
+            ("--weights", "weights", str),
+        ],
+    ),
+    (
+        "method",
+        f"Strategies (--strategy):\n{_choices(STRATEGY_HELP)}",
+        [
+            ("--strategy", "strategy", str),
+            ("--rank", "rank", int),
+            ("--scale", "scale", float),
+            ("--lora-rank", "lora_rank", int),
+            ("--lora-alpha", "lora_alpha", float),
+            ("--lora-targets", "lora_targets", str),
+            ("--vpt-length", "vpt_length", int),
+            ("--vpt-deep", "vpt_deep", None),
+        ],
+    ),
+    (
+        "null-space projection (hres-nsp, lora-nsp)",
+        f"Rules (--nsp-rule):\n{_choices(_NSP_RULE_HELP)}",
+        [
+            ("--nsp-rule", "nsp_rule", str),
+            ("--nsp-threshold", "nsp_threshold", float),
+            ("--nsp-eta", "nsp_eta", float),
+        ],
+    ),
+    (
+        "evaluation head and metrics",
+        f"Heads (--head):\n{_choices(_HEAD_HELP)}",
+        [
+            ("--head", "head", str),
+            ("--ridge", "ridge", _ridge),
+            ("--ridge-projection", "ridge_projection", int),
+            ("--drift-compensation", "drift_compensation", None),
+            ("--fwt-reference", "fwt_reference", None),
+        ],
+    ),
+    (
+        "training",
+        None,
+        [
+            ("--epochs", "epochs", int),
+            ("--batch-size", "batch_size", int),
+            ("--eval-batch-size", "eval_batch_size", int),
+            ("--lr", "lr", float),
+            ("--weight-decay", "weight_decay", float),
+            ("--seed", "seed", int),
+            ("--device", "device", str),
+            ("--bf16", "bf16", None),
+        ],
+    ),
 ]
+_RUN_FIELDS = [dest for _, _, options in _GROUPS for _, dest, _ in options]
+# What a None default means, for the help text.
+_NONE_DEFAULTS = {
+    "experiences": "the benchmark's (5 for split-digits, min(5, classes) for files)",
+    "img_size": "the backbone's",
+    "weights": "none",
+}
 
 
 def _help(field_name: str) -> str:
     from cl_hres.run_config import RunConfig
 
     f = {f.name: f for f in dataclasses.fields(RunConfig)}[field_name]
-    return f"{f.metadata.get('help', '')} (default: {f.default})"
+    text = f.metadata.get("help", "")
+    if "(default:" not in text:  # some field helps explain their default themselves
+        default = _NONE_DEFAULTS.get(field_name, f.default) if f.default is None else f.default
+        if isinstance(default, bool):
+            default = "on" if default else "off"
+        text = f"{text} (default: {default})"
+    # argparse expands %-formats in help: a literal % must be doubled.
+    return text.replace("%", "%%")
 
 
 def _add_run_options(p: argparse.ArgumentParser, *, with_strategy: bool = True) -> None:
-    for flag, dest, typ in _RUN_OPTIONS:
-        if dest == "strategy" and not with_strategy:
-            continue
-        p.add_argument(flag, dest=dest, type=typ, default=None, help=_help(dest))
     p.add_argument(
-        "--pretrained",
-        dest="pretrained",
-        action="store_true",
-        default=None,
-        help=_help("pretrained"),
+        "--config", type=Path, metavar="YAML", help="run recipe; command-line options override it"
     )
-    p.add_argument("--bf16", dest="bf16", action="store_true", default=None, help=_help("bf16"))
-    p.add_argument("--config", type=Path, help="YAML run recipe; command-line options override it")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
-    p.add_argument(
+    for title, description, options in _GROUPS:
+        if not with_strategy and title == "method":
+            description = "Options of the strategies named by --strategies."
+        group = p.add_argument_group(title, description)
+        for flag, dest, typ in options:
+            if dest == "strategy" and not with_strategy:
+                continue
+            if typ is None:  # --flag / --no-flag; None keeps the recipe's or RunConfig's
+                group.add_argument(
+                    flag,
+                    dest=dest,
+                    action=argparse.BooleanOptionalAction,
+                    default=None,
+                    help=_help(dest),
+                )
+            else:
+                metavar = {str: "NAME", int: "N", float: "X"}.get(typ, "X")
+                if dest in ("data_root", "weights"):
+                    metavar = "PATH"
+                group.add_argument(
+                    flag, dest=dest, type=typ, default=None, metavar=metavar, help=_help(dest)
+                )
+    out = p.add_argument_group("output")
+    out.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="output directory (required)"
+    )
+    out.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    out.add_argument(
         "--resume", action="store_true", help="continue after the last finished experience"
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    out.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="cl-hres", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = _Parser(
+        prog="cl-hres",
+        description="Continual learning on a frozen Vision Transformer: run, compare, "
+        "analyze, bench.",
+        epilog="cl-hres COMMAND --help lists the options of a command.",
+    )
+    sub = parser.add_subparsers(
+        dest="command", required=True, parser_class=_Parser, metavar="COMMAND"
+    )
     run_p = sub.add_parser(
-        "run", help="train one strategy on a stream (default: hres-nsp on split-digits)"
+        "run",
+        help="train one strategy on a stream (default: hres-nsp on split-digits)",
+        description="Train one strategy on a class- or task-incremental stream; write\n"
+        "results.json, forgetting_curves.png, TensorBoard events and checkpoints into --out.",
+        formatter_class=_HelpFormatter,
     )
     _add_run_options(run_p)
-    cmp_p = sub.add_parser("compare", help="several strategies (and seeds) on the same stream")
-    cmp_p.add_argument(
-        "--strategies", default="hres-nsp,lora,vpt,linear,joint", help="comma-separated names"
+    cmp_p = sub.add_parser(
+        "compare",
+        help="several strategies (and seeds) on the same stream",
+        description="Run several strategies and seeds on the same stream; write\n"
+        "comparison.md/.json/.png and one run directory per strategy and seed.",
+        formatter_class=_HelpFormatter,
     )
     cmp_p.add_argument(
-        "--seeds", type=_int_list, default=None, help="comma-separated seeds (default: --seed)"
+        "--strategies",
+        default="hres-nsp,lora,vpt,linear,joint",
+        metavar="LIST",
+        help=f"comma-separated names from {', '.join(STRATEGY_HELP)} (default: %(default)s)",
+    )
+    cmp_p.add_argument(
+        "--seeds",
+        type=_int_list,
+        default=None,
+        metavar="LIST",
+        help="comma-separated seeds (default: --seed)",
     )
     _add_run_options(cmp_p, with_strategy=False)
     ana_p = sub.add_parser(
-        "analyze", help="null space, interference, attention entropy, collapse of a run"
+        "analyze",
+        help="null space, interference, attention entropy, collapse of a run",
+        description="Measure a finished run: null space and interference per block, "
+        "attention entropy and neural collapse; writes analysis.json/.md into --run.",
     )
-    ana_p.add_argument("--run", type=Path, required=True, help="a finished run directory")
     ana_p.add_argument(
-        "--other-run", type=Path, help="a second run (e.g. vpt) measured on the same images"
+        "--run", type=Path, required=True, metavar="DIR", help="a finished run directory"
     )
-    ana_p.add_argument("--images", type=int, default=256, help="test images to measure on")
-    bench_p = sub.add_parser("bench", help="throughput, memory and NSP costs of every method")
+    ana_p.add_argument(
+        "--other-run",
+        type=Path,
+        metavar="DIR",
+        help="a second run (e.g. vpt) measured on the same images (default: none)",
+    )
+    ana_p.add_argument(
+        "--images", type=int, default=256, help="test images to measure on (default: %(default)s)"
+    )
+    bench_p = sub.add_parser(
+        "bench",
+        help="throughput, memory and NSP costs of every method",
+        description="Time training and inference steps of every method on random data.",
+    )
     bench_p.add_argument(
-        "--config", choices=["tiny", "vit-s"], default="tiny", help="backbone size"
+        "--config",
+        choices=["tiny", "vit-s"],
+        default="tiny",
+        help="backbone size: tiny or vit-s (ViT-S/16 at 224) (default: %(default)s)",
     )
-    bench_p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    bench_p.add_argument("--iters", type=int, default=5, help="timed iterations (median)")
-    bench_p.add_argument("--batch-size", type=int, help="override the configuration's batch")
-    bench_p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
-    bench_p.add_argument("--out", type=Path, required=True, help="writes bench.json and bench.md")
+    bench_p.add_argument(
+        "--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)"
+    )
+    bench_p.add_argument(
+        "--iters", type=int, default=5, help="timed iterations, median (default: %(default)s)"
+    )
+    bench_p.add_argument(
+        "--batch-size", type=int, help="override the configuration's batch (default: its own)"
+    )
+    bench_p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="bf16 autocast (CUDA) (default: off)",
+    )
+    bench_p.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="writes bench.json and bench.md"
+    )
     return parser
 
 
@@ -152,9 +321,7 @@ def _config_from_args(args: argparse.Namespace) -> Any:
     from cl_hres.run_config import RunConfig, load_yaml_config
 
     values: dict[str, Any] = load_yaml_config(args.config) if args.config else {}
-    given = {dest: getattr(args, dest, None) for _, dest, _ in _RUN_OPTIONS}
-    given["pretrained"] = args.pretrained
-    given["bf16"] = args.bf16
+    given = {dest: getattr(args, dest, None) for dest in _RUN_FIELDS}
     values.update({k: v for k, v in given.items() if v is not None})
     if getattr(args, "resume", False) and (args.out / "config.json").is_file():
         import json
@@ -178,12 +345,14 @@ def _print_summary(rows: dict[str, dict[str, Any]]) -> None:
         return "–" if v is None else f"{v:.3g}"
 
     print(
-        f"{'strategy':<10} {'final acc':>9} {'avg inc':>8} {'forget':>7} {'BWT':>7} {'FWT':>7} {'drift':>8}"
+        f"{'strategy':<10} {'final acc':>9} {'avg inc':>8} {'forget':>7} {'BWT':>7} {'FWT':>7} "
+        f"{'FWT-alone':>9} {'drift':>8}"
     )
     for name, r in rows.items():
+        alone = (r.get("forward_transfer") or {}).get("mean")
         print(
             f"{name:<10} {pct(r['final_average_accuracy']):>9} {pct(r['average_incremental_accuracy']):>8} "
-            f"{pct(r['forgetting']):>7} {pct(r['bwt']):>7} {pct(r['fwt']):>7} "
+            f"{pct(r['forgetting']):>7} {pct(r['bwt']):>7} {pct(r['fwt']):>7} {pct(alone):>9} "
             f"{drift(r.get('final_feature_drift')):>8}"
         )
 
@@ -196,9 +365,11 @@ def _reports() -> bool:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    # Validate first: a bad option costs a fraction of a second, not the torch and
+    # Avalanche imports (several seconds).
+    config = _config_from_args(args)
     from cl_hres.runner import run
 
-    config = _config_from_args(args)
     results = run(
         config,
         args.out,
@@ -214,7 +385,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from cl_hres.compare import compare, markdown_table
     from cl_hres.run_config import STRATEGY_NAMES
 
     config = _config_from_args(args)
@@ -227,6 +397,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     seeds = args.seeds or [config.seed]
     if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds must be distinct integers >= 0, got {seeds}")
+    from cl_hres.compare import compare, markdown_table
+
     summary = compare(
         config,
         names,
@@ -276,6 +448,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cl-hres`` console script."""
+    # Scoped, so that a caller of main() (a test, a notebook) gets its warning settings back.
+    with warnings.catch_warnings():
+        _warnings.install()  # also done on `import cl_hres`; kept for an explicit guarantee
+        _warnings.show_as_one_line()
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     handlers = {

@@ -39,6 +39,12 @@ def aggregate(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     for name, results in runs.items():
         row = {m: mean_std([r[m] for r in results]) for m in METRICS}
         row["final_feature_drift"] = mean_std([r.get("final_feature_drift") for r in results])
+        transfers = [r.get("forward_transfer") or {} for r in results]
+        row["forward_transfer"] = mean_std([t.get("mean") for t in transfers])
+        row["forward_transfer_per_experience"] = [
+            mean_std(list(cells))["mean"]
+            for cells in zip(*(t["per_experience"] for t in transfers if t))
+        ]
         row["train_seconds"] = mean_std([r["timing"]["train_seconds"] for r in results])
         row["adapter_parameters"] = results[0]["trainable_parameters"]["adapter_total"]
         row["seeds"] = [r["seed"] for r in results]
@@ -58,14 +64,17 @@ def _fmt(cell: dict[str, Any], pct: bool = True, spec: str = ".2f") -> str:
 def markdown_table(agg: dict[str, Any]) -> str:
     """One row per strategy; accuracies and forgetting in percentage points.
 
-    "old-feature drift" is the largest drift of an earlier experience's features at the
-    end of the stream, in units of the spread of the class means
-    (:class:`~cl_hres.plugins.FeatureDriftPlugin`).
+    "FWT" is Lopez-Paz & Ranzato's (defined only where a classifier for a task exists
+    before its data); "FWT vs alone" is the mean over experiences j >= 1 of the accuracy
+    on j right after learning it in the stream minus that of a reference that learned j
+    alone (:mod:`cl_hres.forward_transfer`). "old-feature drift" is the largest drift of an
+    earlier experience's features at the end of the stream, in units of the spread of the
+    class means (:class:`~cl_hres.plugins.FeatureDriftPlugin`).
     """
     lines = [
         "| strategy | final acc (%) | avg incr. acc (%) | forgetting (pp) | BWT (pp) | FWT (pp) "
-        "| old-feature drift (class spreads) | adapter params | train s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| FWT vs alone (pp) | old-feature drift (class spreads) | adapter params | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in agg.items():
         drift = row.get("final_feature_drift") or mean_std([])
@@ -74,6 +83,7 @@ def markdown_table(agg: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {_fmt(row['final_average_accuracy'])} | {_fmt(row['average_incremental_accuracy'])} "
             f"| {_fmt(row['forgetting'])} | {_fmt(row['bwt'])} | {_fmt(row['fwt'])} "
+            f"| {_fmt(row.get('forward_transfer') or mean_std([]))} "
             f"| {_fmt(drift, pct=False, spec='.1e' if small else '.2f')} "
             f"| {row['adapter_parameters']:,} | {_fmt(row['train_seconds'], pct=False)} |"
         )
@@ -124,7 +134,14 @@ def compare(
         prep = first_prep if key == keys[0] else prepare(configs[key])
         can_resume = resume and (run_dir / "config.json").is_file()
         runs[name].append(
-            execute(prep, run_dir, resume=can_resume, overwrite=not can_resume, progress=progress)
+            execute(
+                prep,
+                run_dir,
+                resume=can_resume,
+                overwrite=not can_resume,
+                progress=progress,
+                reference_cache=out,  # runs of one method family share FWT references
+            )
         )
     agg = aggregate(runs)
     summary = {

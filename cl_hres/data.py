@@ -1,7 +1,10 @@
 """Loading and validating image-classification data (no Avalanche here).
 
 Every loader returns :class:`SplitData`: train and test datasets with integer ``targets``
-in ``0..C-1``. Bad input raises :class:`~cl_hres.errors.DataError` with a one-line message.
+in ``0..C-1``, holding raw images: PIL images (``kind="pil"``) or float tensors in
+``[0, 1]`` (``kind="tensor"``). Resizing, normalisation and augmentation are the
+backbone's business (:mod:`cl_hres.transforms`). Bad input raises
+:class:`~cl_hres.errors.DataError` with a one-line message.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ __all__ = ["SplitData", "TensorImageDataset", "load_digits_data", "load_npz", "v
 
 
 class TensorImageDataset(Dataset):
-    """Images ``(N, C, H, W)`` float32 with integer ``targets`` (what Avalanche needs)."""
+    """Images ``(N, C, H, W)`` float32 in ``[0, 1]`` with integer ``targets``."""
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor) -> None:
         self.images = images
@@ -36,25 +39,41 @@ class TensorImageDataset(Dataset):
 
 @dataclass
 class SplitData:
-    """Train and test datasets of one benchmark, with what the backbone must accept."""
+    """Train and test datasets of one benchmark, with what the backbone must accept.
+
+    Attributes:
+        image_size: The images' own side length (None when it varies, e.g. folders).
+        channels: 1 (grey) or 3 (RGB): the backbone's patch embedding is adapted to it.
+        kind: ``tensor`` (float tensors in ``[0, 1]``) or ``pil`` (PIL images).
+        augment: The ``auto`` augmentation policy of this data (see cl_hres.transforms).
+    """
 
     train: Any
     test: Any
     num_classes: int
-    image_size: int
+    image_size: int | None
     channels: int
     name: str
+    kind: str = "tensor"
+    augment: str = "none"
 
 
-def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    # Per-channel statistics of the training split only (the test split never informs
-    # preprocessing).
-    mean = train.mean(axis=(0, 2, 3), keepdims=True)
-    std = train.std(axis=(0, 2, 3), keepdims=True) + 1e-6
-    return (
-        torch.from_numpy(((train - mean) / std).astype(np.float32)),
-        torch.from_numpy(((test - mean) / std).astype(np.float32)),
-    )
+def _unit_range(train: np.ndarray, test: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels into ``[0, 1]``.
+
+    Integers are divided by 255 (8-bit) or their maximum, floats kept when already in
+    ``[0, 1]``, else min-max scaled with the training split's range.
+    """
+    if np.issubdtype(train.dtype, np.integer) or train.dtype == np.bool_:
+        top = max(255.0, float(train.max()), float(test.max())) if train.dtype != np.bool_ else 1.0
+        lo, hi = 0.0, top
+    elif train.min() >= 0 and train.max() <= 1:
+        lo, hi = 0.0, 1.0
+    else:
+        lo, hi = float(train.min()), float(train.max())
+        hi = hi if hi > lo else lo + 1.0
+    scale = lambda a: np.clip((a.astype(np.float64) - lo) / (hi - lo), 0, 1).astype(np.float32)  # noqa: E731
+    return torch.from_numpy(scale(train)), torch.from_numpy(scale(test))
 
 
 def _holdout(x: np.ndarray, y: np.ndarray, fraction: float, seed: int):
@@ -75,12 +94,12 @@ def load_digits_data(validation: float = 0.0, seed: int = 0) -> SplitData:
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    x = digits.images.astype(np.float64)[:, None] / 16.0
+    x = digits.images.astype(np.float32)[:, None] / 16.0  # 4-bit grey levels 0..16
     y = digits.target.astype(np.int64)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, stratify=y, random_state=0)
     if validation:
         x_tr, x_te, y_tr, y_te = _holdout(x_tr, y_tr, validation, seed)
-    tr, te = _standardise(x_tr, x_te)
+    tr, te = torch.from_numpy(x_tr), torch.from_numpy(x_te)
     return SplitData(
         TensorImageDataset(tr, torch.from_numpy(y_tr)),
         TensorImageDataset(te, torch.from_numpy(y_te)),
@@ -144,7 +163,12 @@ def validate_arrays(arrays: dict[str, np.ndarray], source: str) -> None:
 
 
 def load_npz(path: str | Path, validation: float = 0.0, seed: int = 0) -> SplitData:
-    """Loads a user ``.npz`` with ``x_train, y_train, x_test, y_test`` (never unpickles)."""
+    """Loads a user ``.npz`` with ``x_train, y_train, x_test, y_test`` (never unpickles).
+
+    Layout: ``x_*`` is ``N×H×W`` (grey) or ``N×H×W×C`` with C = 1 or 3 (channels last,
+    as NumPy / PIL store images), any real dtype (8-bit integers are read as 0..255);
+    ``y_*`` holds integer labels ``0..C-1``, every training class present.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
@@ -154,14 +178,14 @@ def load_npz(path: str | Path, validation: float = 0.0, seed: int = 0) -> SplitD
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0]})") from None
     validate_arrays(arrays, str(path))
-    x_tr, x_te = (arrays[k].astype(np.float64) for k in ("x_train", "x_test"))
+    x_tr, x_te = arrays["x_train"], arrays["x_test"]
     if x_tr.ndim == 3:
         x_tr, x_te = x_tr[..., None], x_te[..., None]
     x_tr, x_te = x_tr.transpose(0, 3, 1, 2), x_te.transpose(0, 3, 1, 2)
     y_tr, y_te = arrays["y_train"].astype(np.int64), arrays["y_test"].astype(np.int64)
     if validation:
         x_tr, x_te, y_tr, y_te = _holdout(x_tr, y_tr, validation, seed)
-    tr, te = _standardise(x_tr, x_te)
+    tr, te = _unit_range(x_tr, x_te)
     h, w = tr.shape[2:]
     if h != w:
         raise DataError(f"{path}: images are {h}×{w}; cl-hres needs square images")
@@ -175,36 +199,38 @@ def load_npz(path: str | Path, validation: float = 0.0, seed: int = 0) -> SplitD
     )
 
 
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+_CIFAR_FILES = ("train", "test", "meta")
 
 
-def _image_transform(image_size: int):
-    from torchvision import transforms
+def load_cifar100(root: str | Path, download: bool = True) -> SplitData:
+    """CIFAR-100 in torchvision's layout (``root/cifar-100-python/{train,test,meta}``).
 
-    return transforms.Compose(
-        [
-            transforms.Resize((image_size, image_size)),
-            transforms.ToTensor(),
-            transforms.Normalize(_IMAGENET_MEAN, _IMAGENET_STD),
-        ]
-    )
-
-
-def load_cifar100(root: str | Path, image_size: int = 224, download: bool = True) -> SplitData:
-    """CIFAR-100 through torchvision, resized to ``image_size`` (224 in the published tables)."""
+    Files already there are used as they are (no checksum: a copy made elsewhere, or a
+    small one written by a test, loads the same way); otherwise torchvision downloads them.
+    """
     from torchvision.datasets import CIFAR100
 
-    tf = _image_transform(image_size)
+    class _Present(CIFAR100):
+        meta = dict(CIFAR100.meta, md5=None)
+
+        def _check_integrity(self) -> bool:  # the files exist; unpickling checks the rest
+            return all((Path(self.root) / self.base_folder / f).is_file() for f in _CIFAR_FILES)
+
+    folder = Path(root) / "cifar-100-python"
+    present = all((folder / f).is_file() for f in _CIFAR_FILES)
     try:
-        train = CIFAR100(str(root), train=True, download=download, transform=tf)
-        test = CIFAR100(str(root), train=False, download=download, transform=tf)
+        cls = _Present if present else CIFAR100
+        train = cls(str(root), train=True, download=download and not present)
+        test = cls(str(root), train=False, download=download and not present)
     except Exception as exc:  # torchvision raises URLError/RuntimeError/OSError offline
+        if present:
+            raise DataError(f"{folder}: not readable as CIFAR-100 ({type(exc).__name__})") from None
         raise DataError(
             f"CIFAR-100 not found under {root} and could not be downloaded "
             f"({type(exc).__name__}); put cifar-100-python/ (or its .tar.gz) there and pass "
             "--data-root DIR"
         ) from None
-    return SplitData(train, test, 100, image_size, 3, "split-cifar100")
+    return SplitData(train, test, 100, 32, 3, "split-cifar100", kind="pil", augment="crop-flip")
 
 
 def _folder_split(folder, test_fraction: float, seed: int):
@@ -224,30 +250,41 @@ def _folder_split(folder, test_fraction: float, seed: int):
     return out
 
 
-def load_image_folder(
-    path: str | Path, image_size: int = 224, name: str | None = None, seed: int = 0
-) -> SplitData:
+def load_image_folder(path: str | Path, name: str | None = None, seed: int = 0) -> SplitData:
     """An ImageFolder tree, with ``train/`` and ``test/`` or split 80/20 per class.
 
-    Either ``path/train/<class>/*`` and ``path/test/<class>/*``, or one ``path/<class>/*``
-    tree split 80/20 per class with ``seed``.
+    Either ``path/train/<class>/*`` and ``path/test/<class>/*`` (a published split, e.g.
+    ImageNet-R as distributed with LAMDA-PILOT), or one ``path/<class>/*`` tree split
+    80/20 per class (stratified) with ``seed``. Images load as RGB PIL images.
     """
     from torchvision.datasets import ImageFolder
 
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"image folder not found: {path}")
-    tf = _image_transform(image_size)
     try:
         if (path / "train").is_dir() and (path / "test").is_dir():
-            train, test = ImageFolder(str(path / "train"), tf), ImageFolder(str(path / "test"), tf)
+            train, test = ImageFolder(str(path / "train")), ImageFolder(str(path / "test"))
             if train.classes != test.classes:
                 raise DataError(f"{path}: train/ and test/ have different class folders")
         else:
-            train, test = _folder_split(ImageFolder(str(path), tf), 0.2, seed)
+            train, test = _folder_split(ImageFolder(str(path)), 0.2, seed)
     except FileNotFoundError as exc:
         raise DataError(f"{path}: {str(exc).splitlines()[0]}") from None
     num_classes = len(set(train.targets))
     if num_classes < 2:
         raise DataError(f"{path}: need at least 2 class folders with images")
-    return SplitData(train, test, num_classes, image_size, 3, name or path.name)
+    size = _first_image_size(train)
+    return SplitData(
+        train, test, num_classes, size, 3, name or path.name, kind="pil", augment="crop-flip"
+    )
+
+
+def _first_image_size(dataset) -> int | None:
+    """The side of the first image (None if it is not square or cannot be read)."""
+    try:
+        image = dataset[0][0]
+    except (OSError, IndexError):
+        return None
+    w, h = image.size
+    return w if w == h else None

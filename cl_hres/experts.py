@@ -31,6 +31,13 @@ class ExpertBank(nn.Module):
         activation: ``"gelu"`` (H-Res) or ``"identity"`` (LoRA).
         num_prefix_tokens: Leading cls/register tokens in the token axis of ``x``; the
             null-space projection treats them as a separate token group.
+        device: Device of the wrapped layer; new experts are created there.
+        dtype: Floating dtype of the wrapped layer; new experts get it too.
+
+    Attributes:
+        null_space: The bank's null-space projection state (a module holding the old
+            inputs' covariance and the projector, see :mod:`cl_hres.null_space`), or None
+            when the bank is not protected. Set by ``NullSpaceGuard``.
     """
 
     def __init__(
@@ -42,6 +49,8 @@ class ExpertBank(nn.Module):
         scale: float,
         activation: str = "gelu",
         num_prefix_tokens: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if activation not in ("gelu", "identity"):
@@ -54,26 +63,62 @@ class ExpertBank(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         self.down = nn.ModuleDict()
         self.up = nn.ModuleDict()
+        self.null_space: nn.Module | None = None
+        # An empty bank has no parameter to read its device or dtype from: this zero-size
+        # buffer follows every .to() / .bfloat16() of the model and tells add_expert (and
+        # the null-space state) where and in which dtype the wrapped layer lives.
+        self.register_buffer(
+            "_anchor",
+            torch.empty(0, device=device, dtype=dtype or torch.get_default_dtype()),
+            persistent=False,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the wrapped layer (and of the experts)."""
+        return self._anchor.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the wrapped layer (and of the experts)."""
+        return self._anchor.dtype
 
     @property
     def num_experts(self) -> int:
         """How many experts the bank holds."""
         return len(self.down)
 
-    def add_expert(self, device: torch.device | str | None = None) -> str:
+    @property
+    def accepts_experts(self) -> bool:
+        """False once null-space projection leaves a new expert no direction to learn in."""
+        return not getattr(self.null_space, "closed", False)
+
+    def add_expert(
+        self, device: torch.device | str | None = None, *, force: bool = False
+    ) -> str | None:
         """Freezes every existing expert and appends a new trainable one.
 
         ``down`` gets nn.Linear's default (Kaiming-uniform) init and ``up`` is zero, so a
-        fresh expert adds exactly zero to the output.
+        fresh expert adds exactly zero to the output. The expert gets the wrapped layer's
+        device and dtype. A bank whose null space is empty (:attr:`accepts_experts` is
+        False) gets no expert: its ``down`` weights would be projected to zero for good,
+        and the dead expert would still cost two matmuls at inference.
+
+        Args:
+            device: Overrides the wrapped layer's device.
+            force: Add the expert even to a closed bank (to rebuild a checkpoint's layout).
 
         Returns:
-            The new expert's name.
+            The new expert's name, or None when the bank took no expert.
         """
         for module in (*self.down.values(), *self.up.values()):
             module.requires_grad_(False)
+        if not (force or self.accepts_experts):
+            return None
         name = f"expert{self.num_experts}"
-        down = nn.Linear(self.in_features, self.rank, bias=False, device=device)
-        up = nn.Linear(self.rank, self.out_features, bias=False, device=device)
+        kw = {"device": device or self.device, "dtype": self.dtype}
+        down = nn.Linear(self.in_features, self.rank, bias=False, **kw)
+        up = nn.Linear(self.rank, self.out_features, bias=False, **kw)
         nn.init.zeros_(up.weight)
         self.down[name] = down
         self.up[name] = up
@@ -117,6 +162,7 @@ class ExpertBank(nn.Module):
         return (
             f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
             f"scale={self.scale}, act={self.activation}, experts={self.num_experts}"
+            + ("" if self.accepts_experts else ", closed")
         )
 
 

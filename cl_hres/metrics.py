@@ -1,25 +1,33 @@
-"""Continual-learning metrics from the accuracy matrix (definitions in method.md).
+"""Continual-learning metrics from the accuracy matrix (definitions in docs/method.md).
 
 ``R[i][j]`` is the accuracy on test experience j after training experience i. A joint run
-has a single row (trained once on everything).
+has a single row (trained once on everything). Cells ``j > i`` of experiences not trained
+yet are None where no classifier for them exists (:func:`mask_untrained`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 __all__ = [
     "accuracy_row_from_results",
+    "average_accuracy_seen",
     "average_incremental_accuracy",
     "backward_transfer",
+    "experience_scalars",
     "final_average_accuracy",
     "forgetting",
     "forward_transfer",
+    "mask_untrained",
+    "plugin_scalars",
     "summarise",
 ]
+
+Matrix = Sequence[Sequence[float | None]]
 
 _EXP_KEY = re.compile(r"^Top1_Acc_Exp/eval_phase/test_stream/(?:Task\d+/)?Exp(\d+)$")
 
@@ -37,19 +45,45 @@ def accuracy_row_from_results(results: dict[str, float], num_experiences: int) -
     return row  # type: ignore[return-value]
 
 
-def final_average_accuracy(r: Sequence[Sequence[float]]) -> float:
+def mask_untrained(
+    r: Matrix, scenario: str, head: str, *, joint: bool = False
+) -> list[list[float | None]]:
+    """``R`` (or its first rows) with None in the cells of experiences not trained yet.
+
+    Such a cell (``j > i``) measures no classifier: class-incremental logits cover only
+    the classes seen (accuracy 0 by construction) and a task-incremental statistics head
+    does not exist before its task's data. The exception is a task-incremental linear
+    head, whose untrained rows give ``R[j-1][j]`` of forward transfer; its cells are kept.
+    A joint run (one row, trained on every experience at once) has none.
+    """
+    keep = joint or (scenario == "task" and head == "linear")
+    return [[a if keep or j <= i else None for j, a in enumerate(row)] for i, row in enumerate(r)]
+
+
+def average_accuracy_seen(r: Matrix, *, joint: bool = False) -> float:
+    """Mean accuracy of the last row of ``r`` over the experiences trained so far.
+
+    ``r`` holds the rows up to now. A joint run (one row, trained on every experience at
+    once) has seen them all: the mean of its row, i.e. its final average accuracy.
+    """
+    row = r[-1]
+    seen = len(row) if joint else len(r)
+    return float(np.mean([float(a) for a in row[:seen]]))  # type: ignore[arg-type]
+
+
+def final_average_accuracy(r: Matrix) -> float:
     """``A_T = mean_j R[T-1][j]``."""
     return float(np.mean(r[-1]))
 
 
-def average_incremental_accuracy(r: Sequence[Sequence[float]]) -> float | None:
+def average_incremental_accuracy(r: Matrix) -> float | None:
     """``mean_i mean_{j<=i} R[i][j]`` (None for a single-row, joint run)."""
     if len(r) < 2:
         return None
     return float(np.mean([np.mean(r[i][: i + 1]) for i in range(len(r))]))
 
 
-def forgetting(r: Sequence[Sequence[float]]) -> float | None:
+def forgetting(r: Matrix) -> float | None:
     """``mean_{j<T-1} (max_{i<T-1} R[i][j] − R[T-1][j])`` (literature definition)."""
     t = len(r)
     if t < 2:
@@ -59,7 +93,7 @@ def forgetting(r: Sequence[Sequence[float]]) -> float | None:
     )
 
 
-def backward_transfer(r: Sequence[Sequence[float]]) -> float | None:
+def backward_transfer(r: Matrix) -> float | None:
     """``mean_{j<T-1} (R[T-1][j] − R[j][j])``."""
     t = len(r)
     if t < 2:
@@ -67,16 +101,19 @@ def backward_transfer(r: Sequence[Sequence[float]]) -> float | None:
     return float(np.mean([r[t - 1][j] - r[j][j] for j in range(t - 1)]))
 
 
-def forward_transfer(r: Sequence[Sequence[float]], baseline: Sequence[float]) -> float | None:
+def forward_transfer(r: Matrix, baseline: Sequence[float]) -> float | None:
     """``mean_{j>0} (R[j-1][j] − b_j)``, b_j the untrained model's accuracy."""
     t = len(r)
     if t < 2 or len(baseline) != len(r[0]):
         return None
-    return float(np.mean([r[j - 1][j] - baseline[j] for j in range(1, t)]))
+    cells = [r[j - 1][j] for j in range(1, t)]
+    if any(c is None for c in cells):  # no classifier before the data: undefined
+        return None
+    return float(np.mean([c - baseline[j] for j, c in enumerate(cells, start=1)]))
 
 
 def summarise(
-    r: Sequence[Sequence[float]],
+    r: Matrix,
     baseline: Sequence[float] | None,
     scenario: str,
     head: str = "linear",
@@ -92,7 +129,69 @@ def summarise(
         "average_incremental_accuracy": average_incremental_accuracy(r),
         "forgetting": forgetting(r),
         "bwt": backward_transfer(r),
-        "fwt": forward_transfer(r, baseline)
-        if scenario == "task" and head == "linear" and baseline
-        else None,
+        "fwt": _reported_fwt(r, baseline, scenario, head),
     }
+
+
+def _reported_fwt(
+    r: Matrix, baseline: Sequence[float] | None, scenario: str, head: str
+) -> float | None:
+    """FWT where it is defined: task-incremental with a linear head (see :func:`summarise`)."""
+    if scenario == "task" and head == "linear" and baseline:
+        return forward_transfer(r, baseline)
+    return None
+
+
+def experience_scalars(
+    r: Matrix,
+    baseline: Sequence[float] | None,
+    scenario: str,
+    head: str = "linear",
+    *,
+    joint: bool = False,
+) -> dict[str, float]:
+    """TensorBoard scalars after the last row of ``r``, the rows up to now (``cl/`` tags).
+
+    Accuracy per experience trained so far (unseen experiences are left out, not logged
+    as 0), their average, and forgetting, BWT and FWT of the stream so far where defined.
+    """
+    row = r[-1]
+    seen = len(row) if joint else len(r)
+    out = {f"cl/accuracy_exp{j:03d}": float(row[j]) for j in range(seen)}  # type: ignore[arg-type]
+    out["cl/average_accuracy_seen"] = average_accuracy_seen(r, joint=joint)
+    for name, value in (
+        ("forgetting", forgetting(r)),
+        ("bwt", backward_transfer(r)),
+        ("fwt", _reported_fwt(r, baseline, scenario, head)),
+    ):
+        if value is not None:
+            out[f"cl/{name}"] = value
+    return out
+
+
+def plugin_scalars(
+    null_space: Mapping[str, Any] | None, drift: Mapping[str, Any] | None
+) -> dict[str, float]:
+    """TensorBoard scalars from the last entries of the NSP and drift plugins' histories.
+
+    ``nsp/null_space_dims/blockNN``: null-space dimension of each adapted block;
+    ``nsp/null_space_fraction``: its mean fraction of the input dimension;
+    ``nsp/interference_max``: the largest relative change of an earlier experience's
+    features; ``drift/class_spreads_expNNN`` and ``drift/class_spreads_max``: how far each
+    earlier experience's features moved, in spreads of the class means.
+    """
+    out: dict[str, float] = {}
+    if null_space:
+        dims, inputs = null_space["null_space_dims"], null_space["input_dims"]
+        for b, d in enumerate(dims):
+            out[f"nsp/null_space_dims/block{b:02d}"] = float(d)
+        if dims:
+            out["nsp/null_space_fraction"] = float(np.mean([d / n for d, n in zip(dims, inputs)]))
+        if null_space.get("interference"):
+            out["nsp/interference_max"] = float(max(null_space["interference"].values()))
+    if drift and drift.get("drift"):
+        spreads = {int(j): d["class_spreads"] for j, d in drift["drift"].items()}
+        for j, value in sorted(spreads.items()):
+            out[f"drift/class_spreads_exp{j:03d}"] = float(value)
+        out["drift/class_spreads_max"] = float(max(spreads.values()))
+    return out

@@ -41,6 +41,9 @@ class ContinualViT(nn.Module):
         ridge_projection: Width of the ridge head's random ReLU projection (0: none).
         num_classes: Classes known up front (sizes the linear head, so an untrained model
             can be evaluated); the head still grows if more classes arrive.
+        drift_compensation: Map the statistics heads' stored sums through the feature
+            drift estimated on each new experience's data (needs
+            :meth:`record_features_before` at the start of the experience).
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class ContinualViT(nn.Module):
         ridge: float | None = None,
         ridge_projection: int = 0,
         num_classes: int = 0,
+        drift_compensation: bool = False,
     ) -> None:
         super().__init__()
         if method not in METHODS:
@@ -89,6 +93,8 @@ class ContinualViT(nn.Module):
         self.current_classes: list[int] = []
         self.current_tasks: list[int] = []
         self.experiences_seen = 0
+        self.drift_compensation = drift_compensation
+        self._features_before: torch.Tensor | None = None
         self.train()
 
     # ------------------------------------------------------------------ state
@@ -145,7 +151,9 @@ class ContinualViT(nn.Module):
         self.ensure_classes(max(max(c) for c in self.task_classes.values()) + 1)
         if self.banks and (self.expert_per_experience or self.banks[0].num_experts == 0):
             for bank in self.banks:
-                bank.add_expert(device=self.device)
+                # In the wrapped layer's device and dtype; a bank whose null space is
+                # empty takes none (ExpertBank.add_expert).
+                bank.add_expert()
         self.experiences_seen += 1
 
     @property
@@ -154,26 +162,70 @@ class ContinualViT(nn.Module):
         return self.head_kind != "linear"
 
     @torch.no_grad()
+    @torch.no_grad()
+    def record_features_before(
+        self, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    ) -> None:
+        """Keeps the features of the experience's data before training on it.
+
+        Only with ``drift_compensation``: :meth:`end_experience` pairs them with the same
+        images' features after training to estimate how the features moved.
+        """
+        if not (self.drift_compensation and self.has_statistics_pass and self.stats_heads):
+            self._features_before = None
+            return
+        was_training = self.training
+        self.eval()
+        self._features_before = torch.cat(
+            [self.features(x.to(self.device)).double() for x, _, _ in batches]
+        )
+        self.train(was_training)
+
+    def _compensate_drift(self, after: torch.Tensor) -> None:
+        """Maps every existing head's statistics through the drift estimated on this data."""
+        from cl_hres.drift_compensation import DriftEstimator, compensate_head
+
+        before, self._features_before = self._features_before, None
+        if before is None or before.shape != after.shape:
+            return
+        estimator = DriftEstimator(self.num_features, device=self.device)
+        estimator.update(before, after)
+        estimator.combine_ranks()
+        m, b = estimator.solve()
+        for head in self.stats_heads.values():
+            compensate_head(head, m, b)
+
+    @torch.no_grad()
     def end_experience(
         self, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     ) -> None:
-        """Adds an experience's training features ``(x, y, task)`` to the statistics heads."""
+        """Adds an experience's training features ``(x, y, task)`` to the statistics heads.
+
+        With ``drift_compensation``, the statistics of earlier experiences are first mapped
+        through the affine drift the features of this experience's data underwent
+        (:mod:`cl_hres.drift_compensation`).
+        """
         if not self.has_statistics_pass:
             return
         was_training = self.training
         self.eval()
+        feats, labels, tasks = [], [], []
+        for x, y, task in batches:
+            feats.append(self.features(x.to(self.device)).float())
+            labels.append(y.to(self.device))
+            tasks.append(task.to(self.device))
+        f, y, task = torch.cat(feats), torch.cat(labels), torch.cat(tasks)
+        if self._features_before is not None:
+            self._compensate_drift(f.double())
         heads = {t: self.stats_head(t) for t in self.current_tasks}
         before = {}
         for t, head in heads.items():
             # Same class count on every rank, so the buffers can be all-reduced.
             head._grow(self.train_head.out_features)
             before[t] = {k: v.clone() for k, v in head.statistics().items()}
-        for x, y, task in batches:
-            f = self.features(x.to(self.device)).float()
-            y, task = y.to(self.device), task.to(self.device)
-            for t, head in heads.items():
-                rows = task == t
-                head.update(f[rows], y[rows])
+        for t, head in heads.items():
+            rows = task == t
+            head.update(f[rows], y[rows])
         for t, head in heads.items():
             for k, v in head.statistics().items():
                 distributed.all_reduce_increment_(v, before[t][k])
@@ -202,8 +254,19 @@ class ContinualViT(nn.Module):
         return sum(p.numel() for p in self.parameters() if id(p) not in head and id(p) not in base)
 
     # ---------------------------------------------------------------- forward
+    @property
+    def backbone_dtype(self) -> torch.dtype:
+        """Dtype of the backbone's weights (inputs are cast to it)."""
+        return self.backbone.patch_embed.proj.weight.dtype
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pre-logits features of the (adapted) backbone, ``(B, num_features)``."""
+        """Pre-logits features of the (adapted) backbone, ``(B, num_features)``.
+
+        Images are cast to the backbone's dtype, so a bfloat16 backbone takes float32
+        batches (a no-op for a float32 backbone; autocast still applies on top).
+        """
+        if x.is_floating_point():
+            x = x.to(self.backbone_dtype)
         tokens = self.backbone.forward_features(x)
         return self.backbone.forward_head(tokens, pre_logits=True)
 
@@ -249,7 +312,9 @@ class ContinualViT(nn.Module):
         """
         f = self.features(x)
         if self.training or not self.stats_heads:
-            logits = self.train_head(f)
+            # The head keeps its own dtype (float32) whatever the backbone's; the round
+            # trip bfloat16 -> float32 -> bfloat16 under autocast is exact.
+            logits = self.train_head(f.to(self.train_head.weight.dtype))
         else:
             # Closed-form heads have large, ill-conditioned weights (tiny ridge): never
             # evaluate them in reduced precision.

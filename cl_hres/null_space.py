@@ -8,12 +8,17 @@ The projector onto the span of "small" eigenvectors keeps every new expert's ``d
 rows in the null space; then ``down · x_old ≈ 0`` and the new expert adds nothing to old
 inputs, block after block.
 
-Everything stays on the model's device: accumulation is one matmul per batch and group,
-projection one matmul per weight; no value is read back to the host during training.
+The state lives in the model: :class:`NullSpaceGuard` gives every protected bank a
+:class:`NullSpaceState` submodule (``bank.null_space``) whose buffers hold the covariance
+sums, the token counts and the projector. ``model.to()`` moves them, ``model.state_dict()``
+saves them, DDP sees them, and they are created on the bank's device even while the bank
+holds no expert. Accumulation is one matmul per batch and group, projection one matmul
+per weight; no value is read back to the host during training.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 
@@ -21,20 +26,46 @@ import torch
 from torch import nn
 
 from cl_hres import distributed
+from cl_hres._warnings import ClHresWarning
 from cl_hres.config import NullSpaceConfig
 from cl_hres.experts import ExpertBank
 
 __all__ = [
     "CovarianceAccumulator",
     "NullSpaceGuard",
+    "NullSpaceState",
+    "PlasticityWarning",
+    "attach_null_space",
     "null_space_projector",
 ]
 
 _EIG_FLOOR = 1e-12
 
 
-class CovarianceAccumulator:
-    """Streaming ``Σ x xᵀ`` per token group, accumulated in float64 on ``device``.
+class PlasticityWarning(ClHresWarning):
+    """An expert bank's null space became empty: it takes no new experts from then on."""
+
+
+class _KeepsDtypes(nn.Module):
+    """A buffer-only module whose buffers keep their dtype under ``.to(dtype)`` / ``.half()``.
+
+    Casting the whole model to bfloat16 must not round float64 statistics: only the device
+    that ``fn`` sends a buffer to is taken.
+    """
+
+    def _apply(self, fn, recurse: bool = True):
+        if recurse:
+            for module in self.children():
+                module._apply(fn, recurse)
+        for key, buf in self._buffers.items():
+            if buf is not None:
+                moved = fn(buf)
+                self._buffers[key] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
+        return self
+
+
+class CovarianceAccumulator(_KeepsDtypes):
+    """Streaming ``Σ x xᵀ`` per token group, in float64 buffers on the model's device.
 
     The running sum is float64, so rounding does not grow with the number of tokens. Each
     batch's product ``XᵀX`` is computed in ``precision``: float64 by default, because a
@@ -42,10 +73,14 @@ class CovarianceAccumulator:
     of the old inputs (attention outputs have eigenvalues down to ~1e-9·λ_max); float32 is
     faster on GPUs without fast float64 and is fine with a looser threshold.
 
+    Prefix and patch tokens are always summed separately (two groups when there are
+    prefix tokens); ``separate_prefix`` only decides whether :meth:`matrix` normalises them
+    separately or pools them, so the buffers' shapes do not depend on the configuration.
+
     Args:
         dim: Feature width d.
         num_prefix_tokens: Leading tokens that form the prefix group.
-        separate_prefix: If False, one group holds all tokens.
+        separate_prefix: If False, :meth:`matrix` pools all tokens into one group.
         device: Where the statistics live (the model's device).
         precision: ``"float64"`` or ``"float32"`` for each batch's product.
     """
@@ -56,18 +91,28 @@ class CovarianceAccumulator:
         *,
         num_prefix_tokens: int = 0,
         separate_prefix: bool = True,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | None = None,
         precision: str = "float64",
     ) -> None:
+        super().__init__()
         if precision not in ("float64", "float32"):
             raise ValueError(f"precision must be float64 or float32, got {precision!r}")
         self.dim = dim
-        self.dtype = getattr(torch, precision)
-        self.num_prefix_tokens = num_prefix_tokens if separate_prefix else 0
-        groups = 2 if self.num_prefix_tokens else 1
-        self.sums = torch.zeros(groups, dim, dim, dtype=torch.float64, device=device)
-        # Token counts are known from shapes on the host: counting never syncs the device.
-        self.counts = [0] * groups
+        self.precision = precision
+        self.num_prefix_tokens = num_prefix_tokens
+        self.separate_prefix = separate_prefix
+        groups = 2 if num_prefix_tokens else 1
+        self.register_buffer(
+            "sums", torch.zeros(groups, dim, dim, dtype=torch.float64, device=device)
+        )
+        # Counts sit beside the sums on the same device, so both are all-reduced there;
+        # adding a batch's token count (known from its shape) launches no host sync.
+        self.register_buffer("counts", torch.zeros(groups, dtype=torch.int64, device=device))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of each batch's product."""
+        return getattr(torch, self.precision)
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
@@ -87,34 +132,106 @@ class CovarianceAccumulator:
 
     def matrix(self) -> torch.Tensor:
         """Sum over groups of each group's second moment divided by its trace (float64)."""
+        sums = self.sums if self.separate_prefix else self.sums.sum(0, keepdim=True)
         total = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.sums.device)
-        for g, count in enumerate(self.counts):
-            if count:
-                s = self.sums[g]
-                total += s / s.diagonal().sum().clamp_min(torch.finfo(torch.float64).tiny)
+        for s in sums:
+            # A group without tokens is all zero and adds exactly zero.
+            total += s / s.diagonal().sum().clamp_min(torch.finfo(torch.float64).tiny)
         return total
 
     @property
     def num_tokens(self) -> int:
-        """Tokens seen so far, over all groups."""
-        return sum(self.counts)
+        """Tokens seen so far, over all groups (reads the counts back to the host)."""
+        return int(self.counts.sum())
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors only, for safetensors / ``torch.load(weights_only=True)``."""
-        return {"sums": self.sums, "counts": torch.tensor(self.counts, dtype=torch.int64)}
+    def token_counts(self) -> list[int]:
+        """Tokens seen so far per group (reads the counts back to the host)."""
+        return [int(c) for c in self.counts.tolist()]
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restores :meth:`state_dict`; shapes must match."""
-        if state["sums"].shape != self.sums.shape:
-            raise ValueError(
-                f"covariance shape {tuple(state['sums'].shape)} != {tuple(self.sums.shape)}"
-            )
-        self.sums.copy_(state["sums"])
-        self.counts = [int(c) for c in state["counts"].tolist()]
+    @torch.no_grad()
+    def zero_(self) -> None:
+        """Forgets every token."""
+        self.sums.zero_()
+        self.counts.zero_()
+
+
+class NullSpaceState(_KeepsDtypes):
+    """One bank's null-space projection state: covariance, projector, null dimension.
+
+    Registered as ``bank.null_space``, so its buffers belong to the model. Python mirrors
+    of the null dimension and of :attr:`closed` let the per-step projection and
+    ``ExpertBank.add_expert`` decide without reading the device; they are refreshed when
+    the projector is set and when a state dict is loaded.
+
+    Args:
+        dim: Input width of the bank.
+        num_prefix_tokens: Prefix tokens of the bank's input.
+        device: Device of the bank.
+    """
+
+    def __init__(
+        self, dim: int, *, num_prefix_tokens: int = 0, device: torch.device | str | None = None
+    ) -> None:
+        super().__init__()
+        self.covariance = CovarianceAccumulator(
+            dim, num_prefix_tokens=num_prefix_tokens, device=device
+        )
+        self.register_buffer("projector", torch.eye(dim, dtype=torch.float32, device=device))
+        # -1: no statistics collected yet (no constraint).
+        self.register_buffer("null_dim", torch.tensor(-1, dtype=torch.int64, device=device))
+        # The projector is exactly zero: a new expert could never move off zero.
+        self.register_buffer("is_closed", torch.tensor(False, device=device))
+        self._null_dim, self._closed = -1, False
+
+    def _mirror(self) -> None:
+        self._null_dim = int(self.null_dim)
+        self._closed = bool(self.is_closed)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._mirror()  # one read per bank when a checkpoint is loaded
+
+    @property
+    def ready(self) -> bool:
+        """Whether a projector has been computed (statistics were collected)."""
+        return self._null_dim >= 0
+
+    @property
+    def dimension(self) -> int:
+        """Null-space dimension k of the current projector (-1 before any statistics)."""
+        return self._null_dim
+
+    @property
+    def closed(self) -> bool:
+        """True when the projector is zero: the bank has lost all plasticity."""
+        return self._closed
+
+    @torch.no_grad()
+    def set_projector(self, proj: torch.Tensor, null_dim: int, closed: bool) -> None:
+        """Stores a projector computed by :func:`null_space_projector`."""
+        self.projector.copy_(proj)
+        self.null_dim.fill_(null_dim)
+        self.is_closed.fill_(closed)
+        self._null_dim, self._closed = null_dim, closed
+
+
+def attach_null_space(bank: ExpertBank) -> NullSpaceState:
+    """The bank's :class:`NullSpaceState`, created on the bank's device on first use."""
+    if bank.null_space is None:
+        bank.null_space = NullSpaceState(
+            bank.in_features, num_prefix_tokens=bank.num_prefix_tokens, device=bank.device
+        )
+    return bank.null_space
 
 
 def null_space_projector(sigma: torch.Tensor, config: NullSpaceConfig) -> tuple[torch.Tensor, int]:
     """Projector onto the approximate null space of a symmetric PSD matrix.
+
+    One rule for the edge cases, whatever ``config.rule``: an all-zero ``sigma`` (no old
+    input energy) protects nothing, ``P = I`` and k = d; any other ``sigma`` protects at
+    least its leading eigenvector, so k < d, and a spectrum without a "small" eigenvalue
+    gives ``P = 0`` (k = 0). For ``ratio`` this means that a spectrum flat within the
+    factor ``threshold`` (cond(Σ) ≤ a) is protected entirely instead of not at all.
 
     Args:
         sigma: ``(d, d)`` second-moment matrix (any float dtype; solved in float64).
@@ -126,32 +243,33 @@ def null_space_projector(sigma: torch.Tensor, config: NullSpaceConfig) -> tuple[
     """
     s = sigma.double()
     s = (s + s.T) / 2
+    d = s.shape[0]
     evals, evecs = torch.linalg.eigh(s)  # ascending
     evals = evals.clamp_min(0)
     lam_max = evals[-1]
-    if config.rule == "energy":
+    if not bool(lam_max > 0):
+        null_mask = torch.ones_like(evals, dtype=torch.bool)
+    elif config.rule == "energy":
         # Protect the fewest leading eigenvectors whose energy reaches the threshold.
         desc = evals.flip(0)
-        cum = desc.cumsum(0) / desc.sum().clamp_min(torch.finfo(torch.float64).tiny)
-        protected = (
-            int(
-                torch.searchsorted(
-                    cum, torch.tensor(config.threshold, dtype=cum.dtype, device=cum.device)
-                ).item()
-            )
-            + 1
-        )
+        cum = desc.cumsum(0) / desc.sum()
+        target = torch.tensor(config.threshold, dtype=cum.dtype, device=cum.device)
+        protected = int(torch.searchsorted(cum, target).item()) + 1
         null_mask = torch.zeros_like(evals, dtype=torch.bool)
-        null_mask[: max(0, evals.numel() - protected)] = True
+        null_mask[: max(0, d - protected)] = True
     elif config.rule == "ratio":
         lam_min = torch.maximum(evals[0], lam_max * _EIG_FLOOR)
         null_mask = evals <= config.threshold * lam_min
-    else:  # relative
+        if bool(null_mask.all()):
+            # cond(Σ) ≤ a: no eigenvalue stands out as small; every direction carries old
+            # inputs, so all are protected.
+            null_mask = torch.zeros_like(null_mask)
+    else:  # relative; λ_max itself is never below threshold·λ_max (threshold < 1)
         null_mask = evals <= config.threshold * lam_max
     u0 = evecs[:, null_mask]
     proj = u0 @ u0.T
     if config.eta < 1:
-        eye = torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
+        eye = torch.eye(d, dtype=s.dtype, device=s.device)
         proj = config.eta * proj + (1 - config.eta) * eye
     return proj, int(u0.shape[1])
 
@@ -159,9 +277,20 @@ def null_space_projector(sigma: torch.Tensor, config: NullSpaceConfig) -> tuple[
 class NullSpaceGuard:
     """Keeps the trainable ``down`` weights of expert banks in the old inputs' null space.
 
-    Independent of any training framework: call :meth:`collect` after an experience,
-    :meth:`project_weights` once a new expert exists and after every optimizer step, and
-    (optionally) :meth:`project_grads` after every backward pass.
+    Independent of any training framework: call :meth:`collect` (or run forward passes
+    inside :meth:`collecting`) after an experience, :meth:`project_weights` once a new
+    expert exists, and :meth:`step` instead of ``optimizer.step()`` (or the hooks it is
+    made of: :meth:`begin_update`, :meth:`project_grads`, :meth:`project_weights`).
+
+    Every optimizer step is projected as an *update*: ``W ← W_old + (W − W_old)·P_η``
+    (Adam-NSCL, VPT-NSP²), so with η < 1 the relaxed share outside the null space
+    accumulates over steps. At η = 1 this equals ``W ← W·P`` (``W_old`` already lies in
+    the null space), which is what is computed then, exact under any optimizer; the
+    gradient is projected too at η = 1, which keeps Adam's moments in the null space,
+    but not at η < 1, where that would shrink the relaxed share twice.
+
+    The statistics live in the banks (:class:`NullSpaceState`); a second guard over the
+    same banks shares them.
 
     Args:
         banks: The expert banks to protect.
@@ -171,30 +300,42 @@ class NullSpaceGuard:
     def __init__(self, banks: Iterable[ExpertBank], config: NullSpaceConfig) -> None:
         self.banks = list(banks)
         self.config = config
-        self.accumulators: list[CovarianceAccumulator] | None = None
-        self.projectors: list[torch.Tensor] | None = None
-        self.null_dims: list[int] = []
+        self.states = [attach_null_space(b) for b in self.banks]
+        for state in self.states:
+            state.covariance.precision = config.precision
+            state.covariance.separate_prefix = config.separate_prefix
+        self._before: dict[int, torch.Tensor] | None = None
 
-    def _ensure_accumulators(self) -> list[CovarianceAccumulator]:
-        if self.accumulators is None:
-            self.accumulators = [
-                CovarianceAccumulator(
-                    b.in_features,
-                    num_prefix_tokens=b.num_prefix_tokens,
-                    separate_prefix=self.config.separate_prefix,
-                    device=_bank_device(b),
-                    precision=self.config.precision,
-                )
-                for b in self.banks
-            ]
-        return self.accumulators
+    @property
+    def accumulators(self) -> list[CovarianceAccumulator]:
+        """The covariance accumulator of every bank."""
+        return [s.covariance for s in self.states]
+
+    @property
+    def projectors(self) -> list[torch.Tensor] | None:
+        """Every bank's float32 projector, or None before any statistics were collected."""
+        if not any(s.ready for s in self.states):
+            return None
+        return [s.projector for s in self.states]
+
+    @property
+    def null_dims(self) -> list[int]:
+        """Null-space dimension per bank ([] before any statistics were collected)."""
+        if not all(s.ready for s in self.states):
+            return []
+        return [s.dimension for s in self.states]
+
+    @property
+    def closed_banks(self) -> list[int]:
+        """Indices of the banks whose null space is empty (no new experts)."""
+        return [i for i, s in enumerate(self.states) if s.closed]
 
     @contextmanager
     def recording(self):
         """Within the block, every forward pass adds the banks' inputs to the statistics."""
-        accs = self._ensure_accumulators()
         handles = [
-            bank.register_forward_pre_hook(_make_hook(acc)) for bank, acc in zip(self.banks, accs)
+            bank.register_forward_pre_hook(_make_hook(state.covariance))
+            for bank, state in zip(self.banks, self.states)
         ]
         try:
             yield
@@ -217,82 +358,120 @@ class NullSpaceGuard:
 
         Lets a forward pass that runs anyway (e.g. the one feeding a statistics head)
         also feed the covariance, instead of a second pass over the data. Under
-        torch.distributed each rank records its shard; the increments are summed over
-        ranks before the projectors are computed, so every rank gets the same ones.
+        torch.distributed each rank records its shard and the sums are all-reduced, so
+        every rank gets the same projectors. Every rank holds the same totals before the
+        pass, so ranks other than 0 start it from zero: one all-reduce then adds each
+        rank's increment once to rank 0's old totals, without a copy of the sums (in one
+        process nothing is copied or reduced at all).
         """
-        accs = self._ensure_accumulators()
-        before = [(a.sums.clone(), torch.tensor(a.counts, dtype=torch.float64)) for a in accs]
+        multi = distributed.is_distributed()
+        if multi and distributed.rank() != 0:
+            for state in self.states:
+                state.covariance.zero_()
         with self.recording():
             yield
-        self._combine_ranks(accs, before)
+        if multi:
+            for state in self.states:
+                distributed.all_reduce_(state.covariance.sums)
+                distributed.all_reduce_(state.covariance.counts)
         self.refresh()
 
-    @torch.no_grad()
-    def _combine_ranks(self, accs: list, before: list) -> None:
-        for acc, (sums, counts) in zip(accs, before):
-            distributed.all_reduce_increment_(acc.sums, sums)
-            now = torch.tensor(acc.counts, dtype=torch.float64)
-            distributed.all_reduce_increment_(now, counts)
-            acc.counts = [int(c) for c in now.tolist()]
-
-    @torch.no_grad()
     def refresh(self) -> None:
-        """Recomputes every projector from the accumulated statistics."""
-        accs = self._ensure_accumulators()
-        self.projectors, self.null_dims = [], []
-        for acc in accs:
-            proj, k = null_space_projector(acc.matrix(), self.config)
-            self.projectors.append(proj.float())
-            self.null_dims.append(k)
+        """Recomputes every projector from the accumulated statistics.
+
+        Emits a :class:`PlasticityWarning` (one line, rank 0 only) when banks lose their
+        last free direction.
+        """
+        newly_closed = []
+        exact = self.config.eta >= 1
+        with torch.no_grad():
+            for i, state in enumerate(self.states):
+                was_closed = state.closed
+                proj, k = null_space_projector(state.covariance.matrix(), self.config)
+                state.set_projector(proj.float(), k, closed=exact and k == 0)
+                if state.closed and not was_closed:
+                    newly_closed.append(i)
+        if newly_closed and distributed.rank() == 0:
+            cfg = self.config
+            warnings.warn(
+                f"null-space projection (rule {cfg.rule}, threshold {cfg.threshold:g}) left no "
+                f"free direction in {len(newly_closed)} of {len(self.states)} expert banks "
+                f"(indices {', '.join(map(str, newly_closed))}): they take no new experts "
+                "and stop adapting; a larger threshold or eta < 1 keeps some plasticity",
+                PlasticityWarning,
+                stacklevel=2,
+            )
+
+    def begin_update(self) -> None:
+        """Remembers the trainable ``down`` weights before an optimizer step (η < 1 only)."""
+        if self.config.eta >= 1:
+            return
+        self._before = {
+            id(w): w.detach().clone()
+            for bank, state in zip(self.banks, self.states)
+            if state.ready
+            for w in bank.trainable_down_weights()
+        }
 
     @torch.no_grad()
     def project_weights(self) -> None:
-        """``W ← W·P`` for every trainable ``down`` weight (rows into the null space)."""
-        if self.projectors is None:
-            return
-        for bank, proj in zip(self.banks, self.projectors):
+        """Projects every trainable ``down`` weight's update since :meth:`begin_update`.
+
+        ``W ← W_old + (W − W_old)·P`` with ``W_old`` from :meth:`begin_update`; without one
+        (a new expert, or η = 1) the whole weight counts as the update: ``W ← W·P``.
+        """
+        before, self._before = self._before, None
+        for bank, state in zip(self.banks, self.states):
+            if not state.ready:
+                continue
+            proj = state.projector
             for w in bank.trainable_down_weights():
-                w.copy_(w @ proj.to(w.dtype))
+                old = before.get(id(w)) if before else None
+                # float32 arithmetic also for bfloat16 experts; a no-op cast for float32.
+                wf = w.float()
+                if old is None:
+                    w.copy_(wf @ proj)
+                else:
+                    old = old.float()
+                    w.copy_(old + (wf - old) @ proj)
 
     @torch.no_grad()
     def project_grads(self) -> None:
-        """``g ← g·P``: exact for SGD; Adam-type steps still need :meth:`project_weights`."""
-        if self.projectors is None:
+        """``g ← g·P`` at η = 1 (exact for SGD); nothing at η < 1 (see the class doc)."""
+        if self.config.eta < 1:
             return
-        for bank, proj in zip(self.banks, self.projectors):
+        for bank, state in zip(self.banks, self.states):
+            if not state.ready:
+                continue
             for w in bank.trainable_down_weights():
                 if w.grad is not None:
-                    w.grad.copy_(w.grad @ proj.to(w.grad.dtype))
+                    w.grad.copy_(w.grad.float() @ state.projector)
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """One constrained update for a hand-written loop: project grads, step, project weights.
+        """One constrained update for a hand-written loop.
 
-        (The Avalanche plugin calls the two projections from its own hooks.)
+        (The Avalanche plugin calls the same three projections from its own hooks.)
         """
+        self.begin_update()
         self.project_grads()
         optimizer.step()
         self.project_weights()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Covariance statistics of every bank, as plain tensors."""
+        """Every bank's state as plain tensors (also part of the model's state dict)."""
         out = {}
-        for i, acc in enumerate(self._ensure_accumulators()):
-            for k, v in acc.state_dict().items():
+        for i, state in enumerate(self.states):
+            for k, v in state.state_dict().items():
                 out[f"bank{i}.{k}"] = v
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restores :meth:`state_dict` and recomputes the projectors."""
-        for i, acc in enumerate(self._ensure_accumulators()):
-            acc.load_state_dict({k: state[f"bank{i}.{k}"] for k in ("sums", "counts")})
-        if any(acc.num_tokens for acc in self.accumulators or []):
-            self.refresh()
-
-
-def _bank_device(bank: ExpertBank) -> torch.device:
-    for p in bank.parameters():
-        return p.device
-    return torch.device("cpu")
+        """Restores :meth:`state_dict`."""
+        for i, s in enumerate(self.states):
+            prefix = f"bank{i}."
+            s.load_state_dict(
+                {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            )
 
 
 def _make_hook(acc: CovarianceAccumulator):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cl_hres.metrics import average_accuracy_seen
+
 __all__ = ["plot_comparison", "plot_forgetting_curves"]
 
 
@@ -17,8 +19,15 @@ def _pyplot():
     return plt
 
 
-def _running_average(r: list[list[float]]) -> list[float]:
-    return [sum(row[: i + 1]) / (i + 1) for i, row in enumerate(r)]
+def _running_average(r: list[list[float | None]]) -> list[float]:
+    """Average accuracy on the experiences seen, after each row of ``R``.
+
+    A joint run's single row was trained on every experience: its one value is the mean
+    of the whole row (its final average accuracy), not its accuracy on experience 1.
+    """
+    if len(r) == 1:  # joint (or a one-experience stream, where both readings agree)
+        return [average_accuracy_seen(r, joint=True)]
+    return [average_accuracy_seen(r[: i + 1]) for i in range(len(r))]
 
 
 def plot_forgetting_curves(r: list[list[float]], path: Path, title: str) -> None:
@@ -48,11 +57,22 @@ def plot_forgetting_curves(r: list[list[float]], path: Path, title: str) -> None
     plt.close(fig)
 
 
-def plot_comparison(runs: dict[str, list[dict[str, Any]]], path: Path, title: str) -> None:
-    """Running average accuracy and first-experience accuracy of every strategy."""
+def plot_comparison(runs: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Any:
+    """Running average accuracy and first-experience accuracy of every strategy.
+
+    A joint run is drawn as a dashed horizontal reference: its final average accuracy
+    (left) and its accuracy on the first experience (right), mean over seeds.
+
+    Returns:
+        The matplotlib figure (saved to ``path`` and closed).
+    """
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     for name, results in runs.items():
+        transfers = [r["forward_transfer"] for r in results if r.get("forward_transfer")]
+        if transfers:
+            per = [sum(c) / len(c) for c in zip(*(t["per_experience"] for t in transfers))]
+            axes[2].plot(range(1, len(per) + 1), [100 * v for v in per], marker="o", label=name)
         curves = [_running_average(res["accuracy_matrix"]) for res in results]
         firsts = [[row[0] for row in res["accuracy_matrix"]] for res in results]
         for ax, series in ((axes[0], curves), (axes[1], firsts)):
@@ -65,7 +85,12 @@ def plot_comparison(runs: dict[str, list[dict[str, Any]]], path: Path, title: st
                 ax.plot(steps, mean, marker="o", label=name)
     axes[0].set_title("average accuracy on experiences seen")
     axes[1].set_title("accuracy on the first experience (forgetting curve)")
-    for ax in axes:
+    axes[2].axhline(0, color="gray", lw=0.8)
+    axes[2].set_title("forward transfer vs learning it alone")
+    axes[2].set_xlabel("experience")
+    axes[2].set_ylabel("percentage points")
+    axes[2].legend(fontsize=8)
+    for ax in axes[:2]:
         ax.set_xlabel("after training experience")
         ax.set_ylabel("test accuracy")
         ax.set_ylim(0, 1.02)
@@ -74,3 +99,4 @@ def plot_comparison(runs: dict[str, list[dict[str, Any]]], path: Path, title: st
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return fig

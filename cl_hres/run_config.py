@@ -11,21 +11,18 @@ from typing import Any
 
 from cl_hres.config import HEAD_CHOICES, HResConfig, LoRAConfig, NullSpaceConfig, VPTConfig
 from cl_hres.errors import ConfigError
+from cl_hres.transforms import AUGMENT_CHOICES
 
-__all__ = ["DIGITS_BACKBONE", "STRATEGY_NAMES", "RunConfig", "load_yaml_config"]
+__all__ = ["DEFAULT_BACKBONE", "STRATEGY_NAMES", "RunConfig", "load_yaml_config"]
 
 # Kept here rather than imported from cl_hres.strategies so that validating a config needs
 # no Avalanche import (6 s); a test checks both lists agree.
 STRATEGY_NAMES = ("finetune", "hres", "hres-nsp", "joint", "linear", "lora", "lora-nsp", "vpt")
 
-# The embedded default's backbone: timm's ViT-Tiny layout shrunk to 8×8 digits. No
-# pretrained weights exist for it; it is randomly initialised (seeded) and frozen.
-DIGITS_BACKBONE: dict[str, Any] = {
-    "patch_size": 2,
-    "embed_dim": 64,
-    "depth": 4,
-    "num_heads": 4,
-}
+# The embedded default's backbone: cl-hres's own ViT pretrained on Fashion-MNIST, shipped
+# as package data (cl_hres.backbones; the name is repeated here so that validating a config
+# does not import timm). ``pretrained: false`` gives the same architecture, random-init.
+DEFAULT_BACKBONE = "vit_pico_patch7_28.fmnist"
 
 
 @dataclass
@@ -36,13 +33,23 @@ class RunConfig:
     strategy: str = field(default="hres-nsp", metadata={"help": "Strategy name."})
     scenario: str = field(default="class", metadata={"help": "class or task incremental."})
     experiences: int | None = field(default=None, metadata={"help": "Experiences in the stream."})
-    backbone: str = field(default="vit_tiny_patch16_224", metadata={"help": "timm model name."})
+    backbone: str = field(
+        default=DEFAULT_BACKBONE, metadata={"help": "timm model name (with pretrained tag)."}
+    )
     backbone_kwargs: dict[str, Any] | None = field(
         default=None, metadata={"help": "Extra VisionTransformer arguments."}
     )
-    pretrained: bool = field(default=False, metadata={"help": "Load pretrained weights."})
+    pretrained: bool = field(
+        default=True, metadata={"help": "Load the backbone's pretrained weights (false: random)."}
+    )
     weights: str | None = field(default=None, metadata={"help": "Local weights file."})
-    img_size: int | None = field(default=None, metadata={"help": "Input resolution."})
+    img_size: int | None = field(
+        default=None, metadata={"help": "Input resolution (default: the backbone's pretrained one)."}
+    )
+    augment: str = field(
+        default="auto",
+        metadata={"help": "Training augmentation: auto, crop-flip, crop or none."},
+    )
     epochs: int = field(default=5, metadata={"help": "Epochs per experience."})
     batch_size: int = field(default=32, metadata={"help": "Training batch size."})
     eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch size."})
@@ -65,7 +72,7 @@ class RunConfig:
     rank: int = field(default=32, metadata={"help": "H-Res expert rank r."})
     scale: float = field(default=1.0, metadata={"help": "H-Res scale λ."})
     nsp_rule: str = field(default="relative", metadata={"help": "energy, ratio or relative."})
-    nsp_threshold: float = field(default=1e-10, metadata={"help": "Parameter of the rule."})
+    nsp_threshold: float = field(default=1e-4, metadata={"help": "Parameter of the rule."})
     nsp_eta: float = field(default=1.0, metadata={"help": "Projector relaxation η."})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
@@ -74,6 +81,20 @@ class RunConfig:
     vpt_deep: bool = field(default=True, metadata={"help": "Deep (per-block) prompts."})
     validation: float = field(
         default=0.0, metadata={"help": "Train fraction held out as the evaluation set."}
+    )
+    drift_compensation: bool = field(
+        default=False,
+        metadata={
+            "help": "Map the statistics head's stored sums through the feature drift "
+            "measured on each new experience (ridge/ncm heads)."
+        },
+    )
+    fwt_reference: bool = field(
+        default=True,
+        metadata={
+            "help": "Train each experience alone (cached) to report forward transfer "
+            "for every strategy and head."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -90,6 +111,10 @@ class RunConfig:
             )
         if self.scenario not in ("class", "task"):
             raise ConfigError(f"scenario must be class or task, got {self.scenario!r}")
+        if self.augment not in AUGMENT_CHOICES:
+            raise ConfigError(
+                f"augment must be one of {', '.join(AUGMENT_CHOICES)}, got {self.augment!r}"
+            )
         if self.head not in HEAD_CHOICES:
             raise ConfigError(f"head must be one of {', '.join(HEAD_CHOICES)}, got {self.head!r}")
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -123,7 +148,7 @@ class RunConfig:
             raise ConfigError(f"validation must be in [0, 1), got {self.validation!r}")
         if self.backbone_kwargs is not None and not isinstance(self.backbone_kwargs, dict):
             raise ConfigError("backbone_kwargs must be a mapping")
-        for name in ("pretrained", "vpt_deep", "bf16"):
+        for name in ("pretrained", "vpt_deep", "bf16", "fwt_reference", "drift_compensation"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
@@ -176,13 +201,14 @@ class RunConfig:
             return self.hres_config()
         return None
 
-    def backbone_arguments(self, image_size: int, channels: int) -> dict[str, Any]:
-        """Keyword arguments of :func:`~cl_hres.backbones.create_backbone`."""
-        kwargs: dict[str, Any] = {}
-        if self.benchmark == "split-digits" and not (self.pretrained or self.weights):
-            kwargs.update(DIGITS_BACKBONE)
-        kwargs.update(self.backbone_kwargs or {})
-        size = self.img_size or image_size
+    def backbone_arguments(self, channels: int) -> dict[str, Any]:
+        """Keyword arguments of :func:`~cl_hres.backbones.create_backbone`.
+
+        The input size is the backbone's pretrained one unless ``img_size`` says otherwise
+        (timm then resamples the position embeddings); the patch embedding takes the
+        data's channel count (timm adapts pretrained weights to it).
+        """
+        kwargs: dict[str, Any] = dict(self.backbone_kwargs or {})
         patch = kwargs.get("patch_size")
         # Only the value here; whether the image fits the patch is checked on the built
         # model (runner.prepare), which also covers timm's default patch size.
@@ -190,7 +216,9 @@ class RunConfig:
             isinstance(patch, bool) or not isinstance(patch, int) or patch < 1
         ):
             raise ConfigError(f"patch_size must be a positive integer, got {patch!r}")
-        return dict(kwargs, img_size=size, in_chans=channels)
+        if self.img_size is not None:
+            kwargs["img_size"] = self.img_size
+        return dict(kwargs, in_chans=channels)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -211,14 +239,31 @@ class RunConfig:
 
 
 def load_yaml_config(path: str | Path) -> dict[str, Any]:
-    """Reads a YAML run recipe into a dict (keys as in :class:`RunConfig`, ``-`` or ``_``)."""
+    """Reads a YAML run recipe into a dict (keys as in :class:`RunConfig`, ``-`` or ``_``).
+
+    Numbers in exponent notation without a dot (``1e-8``) are floats, as in YAML 1.2;
+    PyYAML's YAML 1.1 resolver would read them as strings.
+    """
+    import re
+
     import yaml
 
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    # YAML 1.2's float syntax; PyYAML copies the resolver table before adding to a subclass.
+    _Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(
+            r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$",
+        ),
+        list("-+0123456789."),
+    )
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.load(path.read_text(), Loader=_Loader)  # a SafeLoader: no objects
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if values is None:

@@ -81,6 +81,7 @@ class _ViTStrategy(SupervisedTemplate):
         head: str = "ridge",
         ridge: float | None = None,
         ridge_projection: int = 0,
+        drift_compensation: bool = False,
         method_config: HResConfig | LoRAConfig | VPTConfig | None = None,
         nsp_config: NullSpaceConfig | None = None,
         num_classes: int = 0,
@@ -107,6 +108,8 @@ class _ViTStrategy(SupervisedTemplate):
             head: Evaluation head protocol: ``ridge``, ``ncm`` or ``linear``.
             ridge: Relative ridge penalty of the ``ridge`` head; None: chosen by GCV.
             ridge_projection: Width of the ridge head's random ReLU projection (0: none).
+            drift_compensation: Map the statistics head's stored sums through the feature
+                drift measured on each new experience's data (cl_hres.drift_compensation).
             method_config: Config of the strategy's method (HRes/LoRA/VPT).
             nsp_config: Null-space rule for the ``*-nsp`` strategies.
             num_classes: Classes known up front (optional; the head grows as needed).
@@ -132,6 +135,7 @@ class _ViTStrategy(SupervisedTemplate):
                 head=head,
                 ridge=ridge,
                 ridge_projection=ridge_projection,
+                drift_compensation=drift_compensation,
                 num_classes=num_classes,
             )
         if optimizer is None:
@@ -150,6 +154,9 @@ class _ViTStrategy(SupervisedTemplate):
         self.nsp_plugin: NullSpaceProjectionPlugin | None = None
         if self.uses_nsp:
             self.nsp_plugin = NullSpaceProjectionPlugin(nsp_config)
+            # The NSP state is part of the model from the start, so a checkpoint's model
+            # state dict (covariances, projectors) loads into a freshly built strategy.
+            self.nsp_plugin.attach(model)
             own.append(self.nsp_plugin)
         super().__init__(
             model=model,
@@ -194,7 +201,10 @@ class _ViTStrategy(SupervisedTemplate):
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.model.device.index] if self.model.device.type == "cuda" else None
-            self._ddp = DistributedDataParallel(self.model, device_ids=ids)
+            # Buffers (head and covariance statistics) are combined by explicit
+            # all-reduces and equal on every rank; broadcasting them before every forward
+            # would send the covariances (~10 MB per ViT-B block) at each step.
+            self._ddp = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
 
     def make_train_dataloader(
         self,

@@ -56,11 +56,20 @@ def expert_banks(model: nn.Module) -> list[ExpertBank]:
     return [m for m in model.modules() if isinstance(m, ExpertBank)]
 
 
+def _reference_tensor(module: nn.Module) -> torch.Tensor:
+    """A floating parameter of ``module``: experts beside it take its device and dtype."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p
+    return torch.empty(0)
+
+
 def add_hres_experts(vit: nn.Module, config: HResConfig) -> list[ExpertBank]:
     """Wraps the chosen blocks in :class:`ParallelBlock` with an empty GELU bank each."""
     vit = check_vit(vit)
     banks = []
     for i in _block_indices(vit, config.blocks):
+        ref = _reference_tensor(vit.blocks[i])
         bank = ExpertBank(
             vit.embed_dim,
             vit.embed_dim,
@@ -68,6 +77,8 @@ def add_hres_experts(vit: nn.Module, config: HResConfig) -> list[ExpertBank]:
             scale=config.scale,
             activation="gelu",
             num_prefix_tokens=vit.num_prefix_tokens,
+            device=ref.device,
+            dtype=ref.dtype,
         )
         vit.blocks[i] = ParallelBlock(vit.blocks[i], bank)
         banks.append(bank)
@@ -95,6 +106,8 @@ def add_lora_experts(vit: nn.Module, config: LoRAConfig) -> list[ExpertBank]:
                     scale=config.scale,
                     activation="identity",
                     num_prefix_tokens=vit.num_prefix_tokens,
+                    device=child.weight.device,
+                    dtype=child.weight.dtype,
                 )
                 setattr(parent, name, LoRALinear(child, bank))
                 banks.append(bank)

@@ -81,3 +81,18 @@ def test_block_selection_and_bad_configs():
             HResConfig(**bad)
     with pytest.raises(ConfigError, match="unknown method"):
         ContinualViT(make_vit(), method="prompt")
+
+
+@pytest.mark.parametrize("method", ["hres", "lora"])
+def test_new_experts_take_the_wrapped_layers_dtype(method):
+    model = ContinualViT(make_vit().to(torch.bfloat16), method=method, num_classes=2)
+    model.begin_experience([([0, 1], [0])])
+    dtypes = {p.dtype for b in model.banks for p in b.parameters()}
+    assert dtypes == {torch.bfloat16}
+    x = torch.randn(3, 1, 8, 8)  # float32 images: cast to the backbone's dtype
+    model.train()
+    torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 0])).backward()
+    # Moving or casting the model moves the (still empty) banks' reference along.
+    model.to(torch.float32)
+    model.begin_experience([([0, 1], [0])])
+    assert {b.down["expert1"].weight.dtype for b in model.banks} == {torch.float32}

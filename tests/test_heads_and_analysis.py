@@ -67,7 +67,7 @@ def test_collapse_ratio_orders_tight_and_loose_clusters():
 
 
 def test_analyze_reports_claims_on_a_tiny_run(tmp_path, capsys):
-    small = ["--epochs", "1", "--experiences", "2", "--no-progress"]
+    small = ["--epochs", "1", "--experiences", "2", "--no-progress", "--no-fwt-reference"]
     main(["run", "--out", str(tmp_path / "h"), *small])
     main(["run", "--out", str(tmp_path / "v"), "--strategy", "vpt", "--vpt-length", "3", *small])
     capsys.readouterr()
@@ -89,7 +89,7 @@ def test_analyze_reports_claims_on_a_tiny_run(tmp_path, capsys):
     att = report["attention"]
     assert set(att) == {"frozen", "hres-nsp", "vpt"}
     depth = len(att["frozen"])
-    assert depth == 4 and all(len(att[k]) == depth for k in att)
+    assert depth == 6 and all(len(att[k]) == depth for k in att)  # the shipped ViT
     # H-Res never adds tokens; VPT adds its prompts to every block's sequence.
     assert [r["sequence_length"] for r in att["hres-nsp"]] == [
         r["sequence_length"] for r in att["frozen"]

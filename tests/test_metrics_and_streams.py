@@ -71,3 +71,47 @@ def test_every_recipe_is_a_valid_config():
     assert len(recipes) >= 10
     for path in recipes:
         RunConfig.from_dict(load_yaml_config(path), source=str(path))
+
+
+def test_untrained_cells_are_null_except_a_task_linear_head():
+    from cl_hres.metrics import mask_untrained
+
+    r = [[0.9, 0.0, 0.0], [0.8, 0.7, 0.0], [0.7, 0.6, 0.5]]
+    masked = [[0.9, None, None], [0.8, 0.7, None], [0.7, 0.6, 0.5]]
+    assert mask_untrained(r, "class", "ridge") == masked
+    assert mask_untrained(r, "task", "ridge") == masked
+    assert mask_untrained(r[:1], "class", "ridge") == masked[:1]  # first rows of a stream
+    assert mask_untrained(r, "task", "linear") == r  # R[j-1][j] of FWT is a measurement
+    assert mask_untrained([[0.9, 0.8, 0.7]], "class", "ridge", joint=True) == [[0.9, 0.8, 0.7]]
+    m = summarise(masked, None, "class", "ridge")
+    assert m["final_average_accuracy"] == pytest.approx(0.6) and m["fwt"] is None
+
+
+def test_experience_scalars_skip_unseen_and_use_joint_average():
+    from cl_hres.metrics import experience_scalars, plugin_scalars
+
+    rows = [[0.9, None, None], [0.8, 0.7, None]]
+    s = experience_scalars(rows, None, "class", "ridge")
+    assert set(s) == {
+        "cl/accuracy_exp000",
+        "cl/accuracy_exp001",
+        "cl/average_accuracy_seen",
+        "cl/forgetting",
+        "cl/bwt",
+    }
+    assert s["cl/average_accuracy_seen"] == pytest.approx(0.75)
+    assert s["cl/forgetting"] == pytest.approx(0.1) and s["cl/bwt"] == pytest.approx(-0.1)
+    first = experience_scalars(rows[:1], None, "class", "ridge")
+    assert set(first) == {"cl/accuracy_exp000", "cl/average_accuracy_seen"}
+    joint = experience_scalars([[0.867, 0.7, 0.719]], None, "class", "ridge", joint=True)
+    assert joint["cl/average_accuracy_seen"] == pytest.approx(0.762)
+    assert len([k for k in joint if k.startswith("cl/accuracy_exp")]) == 3
+    task = experience_scalars([[0.9, 0.3], [0.8, 0.7]], [0.5, 0.1], "task", "linear")
+    assert task["cl/fwt"] == pytest.approx(0.3 - 0.1)
+    nsp = {"null_space_dims": [40, 0], "input_dims": [64, 64], "interference": {0: 1e-7}}
+    drift = {"drift": {"0": {"relative": 1e-7, "class_spreads": 2e-6}}}
+    p = plugin_scalars(nsp, drift)
+    assert p["nsp/null_space_dims/block00"] == 40 and p["nsp/null_space_dims/block01"] == 0
+    assert p["nsp/null_space_fraction"] == pytest.approx(40 / 128)
+    assert p["nsp/interference_max"] == 1e-7 and p["drift/class_spreads_max"] == 2e-6
+    assert plugin_scalars(None, {"drift": {}}) == {}

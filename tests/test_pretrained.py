@@ -1,0 +1,145 @@
+"""The shipped pretrained backbone, the data path resolved from pretrained configs, and the
+published protocol's code path (CIFAR-100 at 224 px, an IN-21k tagged ViT, --weights)."""
+
+import hashlib
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from cl_hres.backbones import SHIPPED_BACKBONE, create_backbone, shipped_card
+from cl_hres.cli import main
+
+FAST = ["--epochs", "1", "--no-progress"]
+
+
+def _results(path):
+    return json.loads((path / "results.json").read_text())
+
+
+def test_shipped_backbone_loads_offline_by_name():
+    import timm
+    from safetensors.torch import load_file
+
+    from cl_hres import backbones
+
+    card = shipped_card()
+    assert card is not None, "cl_hres/pretrained/fmnist.json is missing"
+    backbones.register_shipped_backbone()
+    model = timm.create_model(SHIPPED_BACKBONE, pretrained=True)  # like any timm tag
+    path = backbones._PRETRAINED_DIR / "fmnist.safetensors"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == card["provenance"]["sha256"]
+    saved = load_file(str(path))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+    cfg = model.pretrained_cfg
+    assert list(cfg["mean"]) == card["pretrained_cfg"]["mean"]
+    assert list(cfg["input_size"]) == [1, 28, 28]
+    # The card says what the weights are worth, and how they were made.
+    prov = card["provenance"]
+    assert 0 < prov["test_accuracy"] <= 1 and len(prov["history"]) == prov["epochs"]
+    assert card["provenance"]["command"].startswith("python scripts/pretrain_fmnist.py")
+
+
+def test_shipped_backbone_is_package_data():
+    """pip install brings the weights: setup.cfg declares them as package data."""
+    import configparser
+    from pathlib import Path
+
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    patterns = cfg["options.package_data"]["cl_hres"]
+    assert "pretrained/*.safetensors" in patterns and "pretrained/*.json" in patterns
+
+
+def test_default_run_uses_the_shipped_pretrained_backbone(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), "--experiences", "2", *FAST]) == 0
+    res = _results(out)
+    assert res["backbone"]["name"] == SHIPPED_BACKBONE
+    assert res["backbone"]["weights"] == "shipped with cl-hres"
+    assert res["backbone"]["sha256"] == shipped_card()["provenance"]["sha256"]
+    data_cfg = res["data_config"]
+    assert data_cfg["input_size"] == [1, 28, 28]  # 8×8 digits resized to the backbone's size
+    assert data_cfg["mean"] == shipped_card()["pretrained_cfg"]["mean"]
+
+
+def test_random_init_backbone_stays_available(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), "--experiences", "2", "--no-pretrained", *FAST]) == 0
+    assert _results(out)["backbone"]["weights"] == "random (seeded)"
+
+
+@pytest.mark.parametrize("layout", ["grey28", "rgb32"])
+def test_npz_of_any_size_runs_with_default_flags(tmp_path, layout):
+    rng = np.random.default_rng(0)
+    if layout == "grey28":  # MNIST-like: N×H×W uint8
+        x_tr, x_te = (rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for n in (40, 20))
+    else:  # CIFAR-like: N×H×W×3 floats in [0, 1]
+        x_tr, x_te = (rng.random((n, 32, 32, 3), dtype=np.float32) for n in (40, 20))
+    path = tmp_path / "data.npz"
+    np.savez(path, x_train=x_tr, y_train=np.arange(40) % 4, x_test=x_te, y_test=np.arange(20) % 4)
+    out = tmp_path / "run"
+    args = ["run", "--benchmark", str(path), "--experiences", "2", "--out", str(out), *FAST]
+    assert main(args) == 0
+    assert _results(out)["data_config"]["input_size"] == [3 if layout == "rgb32" else 1, 28, 28]
+
+
+def _write_cifar100(root, per_class: int = 1, seed: int = 0) -> None:
+    """A tiny CIFAR-100 in torchvision's on-disk layout (the python pickles)."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for split in ("train", "test"):
+        labels = [c for c in range(100) for _ in range(per_class)]
+        data = rng.integers(0, 256, (len(labels), 3 * 32 * 32), dtype=np.uint8)
+        entry = {"data": data, "fine_labels": labels, "coarse_labels": [c // 5 for c in labels]}
+        (folder / split).write_bytes(pickle.dumps(entry))
+    meta = {"fine_label_names": [f"class{c}" for c in range(100)]}
+    (folder / "meta").write_bytes(pickle.dumps(meta))
+
+
+@pytest.mark.slow
+def test_cifar100_protocol_at_224_with_in21k_weights(tmp_path):
+    """The GPU user's path (split-cifar100, an augreg_in21k tag, --weights), minus the download."""
+    from safetensors.torch import save_file
+
+    name = "vit_tiny_patch16_224.augreg_in21k"
+    torch.manual_seed(0)
+    # timm's layout for that tag, 3 of its 12 blocks deep to keep the suite fast on 2 cores.
+    state = create_backbone(name, depth=3).state_dict()
+    weights = tmp_path / "vit_tiny_in21k.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("backbone_kwargs: {depth: 3}\n")
+    _write_cifar100(tmp_path / "data")
+    out = tmp_path / "cifar"
+    args = [
+        "run", "--benchmark", "split-cifar100", "--data-root", str(tmp_path / "data"),
+        "--backbone", name, "--weights", str(weights), "--config", str(recipe),
+        "--experiences", "2", "--batch-size", "16", "--eval-batch-size", "50",
+        "--out", str(out), *FAST,
+    ]  # fmt: skip
+    assert main(args) == 0
+    res = _results(out)
+    data_cfg = res["data_config"]
+    assert data_cfg["input_size"] == [3, 224, 224]
+    assert data_cfg["mean"] == [0.5, 0.5, 0.5] and data_cfg["std"] == [0.5, 0.5, 0.5]
+    assert data_cfg["augment"] == "crop-flip" and data_cfg["interpolation"] == "bicubic"
+    assert res["backbone"]["weights"] == "file"
+    assert res["backbone"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert len(res["accuracy_matrix"]) == 2
+
+
+def test_offline_pretrained_fails_at_once_with_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")  # never reachable
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    out = tmp_path / "run"
+    args = ["run", "--backbone", "vit_tiny_patch16_224.augreg_in21k", "--out", str(out), *FAST]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--weights" in err[0] and "not cached" in err[0]
+    assert not out.exists()
