@@ -77,7 +77,10 @@ def load_benchmark_data(
         raise DataError(f"{path}: expected a .npz file or an image folder")
     close = difflib.get_close_matches(name, list(BENCHMARKS), n=1)
     hint = f"; did you mean {close[0]}?" if close else ""
-    raise ConfigError(f"unknown benchmark {name!r} (not a name, .npz file or folder){hint}")
+    raise ConfigError(
+        f"unknown benchmark {name!r}{hint} (choose from {', '.join(BENCHMARKS)}, "
+        "a .npz file or an image folder)"
+    )
 
 
 def class_split(num_classes: int, experiences: int, seed: int) -> tuple[list[int], list[int]]:

@@ -30,6 +30,7 @@ def _torchrun(*argv: str) -> subprocess.CompletedProcess:
 def test_two_processes_match_one(tmp_path):
     # Task-incremental: also covers the untrained baseline and the per-task heads.
     args = ["--experiences", "3", "--epochs", "1", "--scenario", "task", "--no-progress"]
+    args += ["--no-fwt-reference"]
     single, multi = tmp_path / "single", tmp_path / "multi"
     assert main(["run", "--out", str(single), *args]) == 0
     proc = _torchrun("run", "--out", str(multi), *args)
@@ -52,7 +53,7 @@ def test_two_processes_match_one(tmp_path):
 @needs_torchrun
 def test_compare_under_torchrun_writes_once(tmp_path):
     out = tmp_path / "cmp"
-    args = ["--experiences", "2", "--epochs", "1", "--no-progress"]
+    args = ["--experiences", "2", "--epochs", "1", "--no-progress", "--no-fwt-reference"]
     proc = _torchrun("compare", "--strategies", "hres-nsp,linear", "--out", str(out), *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("| hres-nsp |") == 1  # one table, printed by rank 0

@@ -12,7 +12,8 @@ import torch
 from cl_hres.backbones import SHIPPED_BACKBONE, create_backbone, shipped_card
 from cl_hres.cli import main
 
-FAST = ["--epochs", "1", "--no-progress"]
+# Forward-transfer references double a run; tests/test_forward_transfer.py covers them.
+FAST = ["--epochs", "1", "--no-progress", "--no-fwt-reference"]
 
 
 def _results(path):

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from cl_hres.cli import main
 
-FAST = ["--epochs", "1", "--no-progress"]
+# Forward-transfer references double a run; tests/test_forward_transfer.py covers them.
+FAST = ["--epochs", "1", "--no-progress", "--no-fwt-reference"]
 
 
 def _results(path: Path) -> dict:
@@ -50,7 +51,7 @@ def _snapshot(path: Path) -> dict:
 
 def test_sigkill_during_experience_then_resume_matches_uninterrupted(tmp_path):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    args = ["--epochs", "2", "--no-progress"]
+    args = ["--epochs", "2", "--no-progress", "--no-fwt-reference"]
     assert main(["run", "--out", str(ref), *args]) == 0
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(

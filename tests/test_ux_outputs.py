@@ -9,7 +9,8 @@ import pytest
 
 from cl_hres.cli import main
 
-FAST = ["--epochs", "1", "--no-progress"]
+# Forward-transfer references double a run; tests/test_forward_transfer.py covers them.
+FAST = ["--epochs", "1", "--no-progress", "--no-fwt-reference"]
 
 
 def _results(path: Path) -> dict:
