@@ -44,7 +44,8 @@ class RunConfig:
     )
     weights: str | None = field(default=None, metadata={"help": "Local weights file."})
     img_size: int | None = field(
-        default=None, metadata={"help": "Input resolution (default: the backbone's pretrained one)."}
+        default=None,
+        metadata={"help": "Input resolution (default: the backbone's pretrained one)."},
     )
     augment: str = field(
         default="auto",
