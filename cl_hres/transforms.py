@@ -117,10 +117,14 @@ def _pil_transforms(cfg: dict[str, Any], augment: str) -> tuple[Any, Any]:
         train_tf = transforms.Compose([to_grey, train_tf])
         eval_tf = transforms.Compose([to_grey, eval_tf])
     else:
-        to_rgb = transforms.Lambda(lambda im: im.convert("RGB"))
-        train_tf = transforms.Compose([to_rgb, train_tf])
-        eval_tf = transforms.Compose([to_rgb, eval_tf])
+        train_tf = transforms.Compose([_to_rgb, train_tf])
+        eval_tf = transforms.Compose([_to_rgb, eval_tf])
     return train_tf, eval_tf
+
+
+def _to_rgb(image):
+    """PIL image to RGB (a module-level function, so loader workers can pickle it)."""
+    return image.convert("RGB")
 
 
 def _interpolation(name: str):
