@@ -11,3 +11,18 @@ def make_vit(seed: int = 0, **overrides):
     kwargs.update(overrides)
     torch.manual_seed(seed)
     return create_backbone("vit_tiny_patch16_224", **kwargs)
+
+
+def interrupt_on_second_call(monkeypatch, cls, name: str):
+    """Patches ``cls.name`` to raise KeyboardInterrupt on its second call; returns the original."""
+    original = getattr(cls, name)
+    calls = {"n": 0}
+
+    def interrupt(self, strategy, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, strategy, **kw)
+
+    monkeypatch.setattr(cls, name, interrupt)
+    return original

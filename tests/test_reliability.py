@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import interrupt_on_second_call
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -99,16 +100,9 @@ def test_ctrl_c_leaves_a_resumable_state(tmp_path, monkeypatch, capsys):
 
     ref, out = tmp_path / "ref", tmp_path / "out"
     main(["run", "--out", str(ref), "--experiences", "3", *FAST])
-    original = ContinualViTPlugin.after_train_dataset_adaptation
-    calls = {"n": 0}
-
-    def interrupt(self, strategy, **kw):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(self, strategy, **kw)
-
-    monkeypatch.setattr(ContinualViTPlugin, "after_train_dataset_adaptation", interrupt)
+    original = interrupt_on_second_call(
+        monkeypatch, ContinualViTPlugin, "after_train_dataset_adaptation"
+    )
     assert main(["run", "--out", str(out), "--experiences", "3", *FAST]) == 130
     assert "--resume" in capsys.readouterr().err
     monkeypatch.setattr(ContinualViTPlugin, "after_train_dataset_adaptation", original)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import interrupt_on_second_call
 
 from cl_hres.cli import main
 
@@ -69,16 +70,7 @@ def test_tensorboard_and_resume_after_interrupt_without_duplicates(tmp_path, mon
     expected = _check_tensorboard(ref)
     # Ctrl-C after experience 2's loss was logged, before its checkpoint: the resumed run
     # logs that loss again, and TensorBoard must keep only one point per step.
-    original = ContinualViTPlugin.after_training_exp
-    calls = {"n": 0}
-
-    def interrupt(self, strategy, **kw):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(self, strategy, **kw)
-
-    monkeypatch.setattr(ContinualViTPlugin, "after_training_exp", interrupt)
+    original = interrupt_on_second_call(monkeypatch, ContinualViTPlugin, "after_training_exp")
     assert main(["run", "--out", str(out), "--experiences", "3", *FAST]) == 130
     gc.collect()  # as at process exit: the interrupted run's event file is closed
     monkeypatch.setattr(ContinualViTPlugin, "after_training_exp", original)
