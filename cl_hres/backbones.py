@@ -12,6 +12,7 @@ with provenance (``fmnist.json``) come with ``pip install``, so
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import os
@@ -142,8 +143,16 @@ def _cached_hub_file(name: str) -> str | None:
 
 
 def _sha256(path: Path) -> str:
+    stat = path.stat()
+    return _sha256_of(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    # Keyed by size and mtime too: ``compare`` prepares every run from the same file, and
+    # a ViT-B checkpoint takes about a second to hash.
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
+    with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
