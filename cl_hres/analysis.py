@@ -24,13 +24,9 @@ import torch
 from timm.models.vision_transformer import Attention
 from torch import nn
 
-from cl_hres.checkpoint import (
-    atomic_write_text,
-    latest_checkpoint,
-    load_checkpoint,
-    rebuild_structure,
-)
+from cl_hres.checkpoint import latest_checkpoint, load_checkpoint, rebuild_structure
 from cl_hres.errors import CheckpointError
+from cl_hres.fileio import atomic_write_text
 from cl_hres.model import ContinualViT
 
 __all__ = ["analyze_run", "attention_statistics", "collapse_ratio", "load_trained_model"]
@@ -115,11 +111,10 @@ def load_trained_model(run_dir: Path) -> tuple[ContinualViT, Any, dict[str, Any]
     cls = STRATEGIES[config.strategy]
     # prepare() rebuilt the seeded backbone; an unwrapped copy is the "before" model.
     frozen = copy.deepcopy(prep.backbone).eval()
-    model = ContinualViT(
+    model = cls.build_model(
         prep.backbone,
-        method=cls.method,
         method_config=config.method_config(),
-        expert_per_experience=cls.expert_per_experience,
+        concat_pretrained=config.concat_pretrained,
         head=config.head,
         ridge=config.ridge_value(),
         ridge_projection=config.ridge_projection,

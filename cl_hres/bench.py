@@ -9,7 +9,14 @@ All figures come from one process on one device, so their ratios are meaningful:
 * inference images/s of the frozen backbone and of H-Res with 1, 5, 10 and 20 experts;
 * NSP costs: the covariance-accumulation pass vs a plain eval forward pass over the same
   batches, eigendecomposition seconds per block, and the projection time per step;
-* peak CUDA memory per method (on CPU: not measured, reported as null).
+* peak CUDA memory per method (on CPU: not measured, reported as null);
+* input pipelines with the run's default loader settings (:mod:`cl_hres.loaders`), as
+  images/s and as a ratio to the H-Res-NSP training rate at the same batch (``≥ 3``: the
+  loader is never the bottleneck): ``in_memory`` (CIFAR-like 32 px uint8 tensors,
+  random resized crop + flip to the input size in batches, :mod:`cl_hres.batch_transforms`),
+  ``in_memory_pil`` (the same images as PIL, per image, as ``split-cifar100`` runs
+  load them) and ``file`` (an ImageFolder of JPEGs, decoded per image);
+* inference with 1 to 50 experts, and with 10 experts at half the rank.
 
 LoRA's rank is chosen so that its trainable parameters match H-Res's (equal budget).
 """
@@ -27,11 +34,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from cl_hres.bench_data import data_figures
 from cl_hres.config import HResConfig, LoRAConfig, NullSpaceConfig, VPTConfig
 from cl_hres.model import ContinualViT
 from cl_hres.null_space import NullSpaceGuard
 
-__all__ = ["BENCH_CONFIGS", "BenchConfig", "run_bench"]
+__all__ = ["BENCH_CONFIGS", "EXPERT_COUNTS", "BenchConfig", "run_bench"]
+
+# Inference is timed with this many experts (the cost curve).
+EXPERT_COUNTS = (1, 5, 10, 20, 50)
 
 
 @dataclass(frozen=True)
@@ -218,8 +229,8 @@ def run_bench(
     with torch.no_grad(), amp:
         base = _time(lambda: frozen(x), dev, warmup, iters)
     infer["frozen"] = {"images_per_s": cfg.batch_size / base, "ratio_to_frozen": 1.0}
-    for experts in (1, 5, 10, 20):
-        model = _method_model("hres", cfg, dev, num_classes)
+    for experts, rank in [(k, cfg.rank) for k in EXPERT_COUNTS] + [(10, cfg.rank // 2)]:
+        model = _method_model("hres", dataclasses.replace(cfg, rank=rank), dev, num_classes)
         for _ in range(experts - 1):
             model.begin_experience([(list(range(num_classes)), [0])])
         for bank in model.banks:  # non-zero experts so nothing is skipped
@@ -228,11 +239,16 @@ def run_bench(
         model.eval()
         with torch.no_grad(), amp:
             t = _time(lambda model=model: model(x), dev, warmup, iters)
-        infer[f"hres_{experts}_experts"] = {
-            "images_per_s": cfg.batch_size / t,
-            "ratio_to_frozen": t / base,
-        }
+        name = f"hres_{experts}_experts" + ("" if rank == cfg.rank else f"_rank{rank}")
+        infer[name] = {"images_per_s": cfg.batch_size / t, "ratio_to_frozen": t / base}
     results["inference"] = infer
+    results["data"] = data_figures(
+        img_size=cfg.img_size,
+        batch_size=cfg.batch_size,
+        device=dev,
+        train_images_per_s=train["hres-nsp"]["images_per_s"],
+        batches=max(4, iters),
+    )
 
     model = _method_model("hres", cfg, dev, num_classes).eval()
     guard = NullSpaceGuard(model.banks, NullSpaceConfig())
@@ -280,6 +296,15 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", "| inference | images/s | × frozen |", "|---|---|---|"]
     for name, r in results["inference"].items():
         lines.append(f"| {name} | {r['images_per_s']:.1f} | {r['ratio_to_frozen']:.2f} |")
+    lines += [
+        "",
+        "| input pipeline | workers | images/s | × hres-nsp training rate |",
+        "|---|---|---|---|",
+    ]
+    for name, r in results["data"].items():
+        lines.append(
+            f"| {name} | {r['num_workers']} | {r['images_per_s']:.1f} | {r['ratio_to_train']:.1f} |"
+        )
     n = results["nsp"]
     lines += [
         "",
@@ -293,7 +318,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 def write_bench(results: dict[str, Any], out: Path) -> None:
     """Writes ``bench.json`` and ``bench.md`` into ``out``."""
-    from cl_hres.checkpoint import atomic_write_text
+    from cl_hres.fileio import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "bench.json", json.dumps(results, indent=1))

@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cl_hres.errors import CheckpointError
+from cl_hres.fileio import atomic_write_text  # re-exported: it lived here before fileio
 from cl_hres.model import ContinualViT
 
 __all__ = [
@@ -26,18 +27,12 @@ __all__ = [
     "capture_rng",
     "latest_checkpoint",
     "load_checkpoint",
+    "prefixed",
     "restore_rng",
     "save_checkpoint",
 ]
 
 IDENTITY_KEYS = ("benchmark", "strategy", "scenario", "experiences", "backbone", "seed")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file and an atomic rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -142,6 +137,12 @@ def save_checkpoint(
         if old != final and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors :func:`save_checkpoint` stored under ``prefix.``, without the prefix."""
+    start = len(prefix) + 1
+    return {k[start:]: v for k, v in tensors.items() if k.startswith(f"{prefix}.")}
 
 
 def latest_checkpoint(directory: Path) -> Path | None:

@@ -9,223 +9,25 @@ before torch and Avalanche are imported, so a bad one is reported within a secon
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
-from cl_hres import _warnings
+from cl_hres import _warnings, registry
+from cl_hres.cli_options import (  # noqa: F401  (BENCHMARK_HELP, _RUN_FIELDS: read by tests)
+    _RUN_FIELDS,
+    BENCHMARK_HELP,
+    _add_run_options,
+    _HelpFormatter,
+    _int_list,
+    _Parser,
+    strategy_help,
+)
 from cl_hres.errors import ClHresError, ConfigError
 
 __all__ = ["main"]
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the line breaks of the group descriptions (the lists of choices)."""
-
-    def __init__(self, prog: str) -> None:
-        super().__init__(prog, max_help_position=30)
-
-
-def _ridge(text: str) -> float | str:
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-
-
-# One line per choice, shown in `run --help`. Kept here, not imported from the modules that
-# implement them, so that --help imports neither torch nor Avalanche; tests check that the
-# names agree with STRATEGY_NAMES and benchmarks.BENCHMARKS.
-STRATEGY_HELP: dict[str, str] = {
-    "hres-nsp": "H-Res expert per experience, kept in the null space of old inputs (proposed)",
-    "hres": "H-Res expert per experience, no null-space projection",
-    "lora": "one LoRA adapter trained sequentially",
-    "lora-nsp": "LoRA branch per experience with A in the null space (InfLoRA-like)",
-    "vpt": "visual prompt tuning, prompts trained sequentially",
-    "linear": "frozen backbone, only the head (linear probe)",
-    "finetune": "every backbone weight trained sequentially",
-    "joint": "one expert trained on all experiences at once (upper bound)",
-}
-BENCHMARK_HELP: dict[str, str] = {
-    "split-digits": "scikit-learn's 8x8 digits, 5 experiences of 2 classes (offline)",
-    "split-cifar100": "CIFAR-100 via torchvision into --data-root, 10 experiences of 10",
-    "imagenet-r": "ImageNet-R from --data-root/imagenet-r/, 10 experiences of 20",
-    "FILE.npz": "x_train, y_train, x_test, y_test; images N×H×W or N×H×W×C (docs/data.md)",
-    "DIRECTORY": "an ImageFolder (one sub-folder per class, or train/ and test/)",
-}
-_SCENARIO_HELP = {
-    "class": "no task id at test time; logits over every class seen",
-    "task": "task id given at test time; one head per task",
-}
-_HEAD_HELP = {
-    "ridge": "closed-form ridge classifier on accumulated feature statistics (RanPAC)",
-    "ncm": "nearest class mean",
-    "linear": "the trained linear head",
-}
-_NSP_RULE_HELP = {
-    "relative": "null space: eigenvalues <= threshold × largest, threshold in (0, 1)",
-    "energy": "protect the leading directions holding threshold of the energy (GPM)",
-    "ratio": "null space: eigenvalues <= threshold × smallest, threshold >= 1 (Adam-NSCL)",
-}
-
-
-def _choices(table: dict[str, str]) -> str:
-    width = max(map(len, table))
-    return "\n".join(f"  {name:<{width}}  {text}" for name, text in table.items())
-
-
-# Option groups of `run` / `compare`: (title, description, options). Each option is
-# (flag, RunConfig field, type); type None marks a --flag/--no-flag boolean. Every default
-# lives in RunConfig.
-_GROUPS: list[tuple[str, str, list[tuple[str, str, Any]]]] = [
-    (
-        "data and stream",
-        f"Benchmarks (--benchmark):\n{_choices(BENCHMARK_HELP)}\n"
-        f"Scenarios (--scenario):\n{_choices(_SCENARIO_HELP)}",
-        [
-            ("--benchmark", "benchmark", str),
-            ("--scenario", "scenario", str),
-            ("--experiences", "experiences", int),
-            ("--data-root", "data_root", str),
-            ("--img-size", "img_size", int),
-            ("--augment", "augment", str),
-            ("--validation", "validation", float),
-        ],
-    ),
-    (
-        "backbone",
-        "A frozen timm ViT. backbone_kwargs (e.g. {patch_size: 2}) go in a --config recipe.",
-        [
-            ("--backbone", "backbone", str),
-            ("--pretrained", "pretrained", None),
-            ("--weights", "weights", str),
-        ],
-    ),
-    (
-        "method",
-        f"Strategies (--strategy):\n{_choices(STRATEGY_HELP)}",
-        [
-            ("--strategy", "strategy", str),
-            ("--rank", "rank", int),
-            ("--scale", "scale", float),
-            ("--lora-rank", "lora_rank", int),
-            ("--lora-alpha", "lora_alpha", float),
-            ("--lora-targets", "lora_targets", str),
-            ("--vpt-length", "vpt_length", int),
-            ("--vpt-deep", "vpt_deep", None),
-        ],
-    ),
-    (
-        "null-space projection (hres-nsp, lora-nsp)",
-        f"Rules (--nsp-rule):\n{_choices(_NSP_RULE_HELP)}",
-        [
-            ("--nsp-rule", "nsp_rule", str),
-            ("--nsp-threshold", "nsp_threshold", float),
-            ("--nsp-eta", "nsp_eta", float),
-        ],
-    ),
-    (
-        "evaluation head and metrics",
-        f"Heads (--head):\n{_choices(_HEAD_HELP)}",
-        [
-            ("--head", "head", str),
-            ("--ridge", "ridge", _ridge),
-            ("--ridge-projection", "ridge_projection", int),
-            ("--drift-compensation", "drift_compensation", None),
-            ("--fwt-reference", "fwt_reference", None),
-        ],
-    ),
-    (
-        "training",
-        None,
-        [
-            ("--epochs", "epochs", int),
-            ("--batch-size", "batch_size", int),
-            ("--eval-batch-size", "eval_batch_size", int),
-            ("--lr", "lr", float),
-            ("--weight-decay", "weight_decay", float),
-            ("--seed", "seed", int),
-            ("--device", "device", str),
-            ("--bf16", "bf16", None),
-        ],
-    ),
-]
-_RUN_FIELDS = [dest for _, _, options in _GROUPS for _, dest, _ in options]
-# What a None default means, for the help text.
-_NONE_DEFAULTS = {
-    "experiences": "the benchmark's (5 for split-digits, min(5, classes) for files)",
-    "img_size": "the backbone's",
-    "weights": "none",
-}
-
-
-def _help(field_name: str) -> str:
-    from cl_hres.run_config import RunConfig
-
-    f = {f.name: f for f in dataclasses.fields(RunConfig)}[field_name]
-    text = f.metadata.get("help", "")
-    if "(default:" not in text:  # some field helps explain their default themselves
-        default = _NONE_DEFAULTS.get(field_name, f.default) if f.default is None else f.default
-        if isinstance(default, bool):
-            default = "on" if default else "off"
-        text = f"{text} (default: {default})"
-    # argparse expands %-formats in help: a literal % must be doubled.
-    return text.replace("%", "%%")
-
-
-def _add_run_options(p: argparse.ArgumentParser, *, with_strategy: bool = True) -> None:
-    p.add_argument(
-        "--config", type=Path, metavar="YAML", help="run recipe; command-line options override it"
-    )
-    for title, description, options in _GROUPS:
-        if not with_strategy and title == "method":
-            description = "Options of the strategies named by --strategies."
-        group = p.add_argument_group(title, description)
-        for flag, dest, typ in options:
-            if dest == "strategy" and not with_strategy:
-                continue
-            if typ is None:  # --flag / --no-flag; None keeps the recipe's or RunConfig's
-                group.add_argument(
-                    flag,
-                    dest=dest,
-                    action=argparse.BooleanOptionalAction,
-                    default=None,
-                    help=_help(dest),
-                )
-            else:
-                metavar = {str: "NAME", int: "N", float: "X"}.get(typ, "X")
-                if dest in ("data_root", "weights"):
-                    metavar = "PATH"
-                group.add_argument(
-                    flag, dest=dest, type=typ, default=None, metavar=metavar, help=_help(dest)
-                )
-    out = p.add_argument_group("output")
-    out.add_argument(
-        "--out", type=Path, required=True, metavar="DIR", help="output directory (required)"
-    )
-    out.add_argument("--overwrite", action="store_true", help="replace results already in --out")
-    out.add_argument(
-        "--resume", action="store_true", help="continue after the last finished experience"
-    )
-    out.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -257,7 +59,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--strategies",
         default="hres-nsp,lora,vpt,linear,joint",
         metavar="LIST",
-        help=f"comma-separated names from {', '.join(STRATEGY_HELP)} (default: %(default)s)",
+        help=f"comma-separated names from {', '.join(strategy_help())} (default: %(default)s)",
     )
     cmp_p.add_argument(
         "--seeds",
@@ -317,6 +119,10 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options a resumed run may change: where it runs and reads, not what it learns.
+_RESUMABLE_CHANGES = ("device", "data_root", "num_workers")
+
+
 def _config_from_args(args: argparse.Namespace) -> Any:
     from cl_hres.run_config import RunConfig, load_yaml_config
 
@@ -328,11 +134,11 @@ def _config_from_args(args: argparse.Namespace) -> Any:
 
         saved = json.loads((args.out / "config.json").read_text())
         for key, value in values.items():
-            if key in saved and saved[key] != value and key not in ("device", "data_root"):
+            if key in saved and saved[key] != value and key not in _RESUMABLE_CHANGES:
                 raise ConfigError(
                     f"--resume: {key}={value!r} differs from the run in {args.out} ({saved[key]!r})"
                 )
-        saved.update({k: v for k, v in values.items() if k in ("device", "data_root")})
+        saved.update({k: v for k, v in values.items() if k in _RESUMABLE_CHANGES})
         values = saved
     return RunConfig.from_dict(values, source=str(args.config) if args.config else "options")
 
@@ -380,19 +186,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not _reports():
         return 0
     _print_summary({results["strategy"]: results})
+    t = results["timing"]
+    print(
+        f"throughput: {t['train_images']} training images in {t['train_seconds']:.1f} s "
+        f"({t['train_images_per_s']:.1f} images/s); wall time {t['wall_seconds']:.1f} s"
+    )
     print(f"results: {args.out / 'results.json'}")
     return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from cl_hres.run_config import STRATEGY_NAMES
-
     config = _config_from_args(args)
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    bad = [s for s in names if s not in STRATEGY_NAMES]
+    known = registry.strategy_names()
+    bad = [s for s in names if s not in known]
     if bad or not names or len(set(names)) != len(names):
         raise ConfigError(
-            f"--strategies must be distinct names from {', '.join(STRATEGY_NAMES)}; got {args.strategies!r}"
+            f"--strategies must be distinct names from {', '.join(known)}; got {args.strategies!r}"
         )
     seeds = args.seeds or [config.seed]
     if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
@@ -448,6 +258,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cl-hres`` console script."""
+    # OpenMP threads that spin while they wait made a default run 26× slower on a shared
+    # 2-core machine (README "Costs"); sleeping waits cost little. Set before torch loads
+    # OpenMP (the CLI imports torch lazily); an explicit setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # Scoped, so that a caller of main() (a test, a notebook) gets its warning settings back.
     with warnings.catch_warnings():
         _warnings.install()  # also done on `import cl_hres`; kept for an explicit guarantee

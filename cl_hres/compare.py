@@ -101,7 +101,7 @@ def compare(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Runs every strategy × seed into ``out/<strategy>/seed<k>`` and writes the comparison."""
-    from cl_hres.checkpoint import atomic_write_text
+    from cl_hres.fileio import atomic_write_text
     from cl_hres.plots import plot_comparison
 
     join_process_group(base)

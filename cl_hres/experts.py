@@ -64,6 +64,9 @@ class ExpertBank(nn.Module):
         self.down = nn.ModuleDict()
         self.up = nn.ModuleDict()
         self.null_space: nn.Module | None = None
+        # Switched off by ContinualViT.experts_disabled() to read the pretrained features
+        # (APER's concatenation); a plain attribute: it is never part of the state.
+        self.enabled = True
         # An empty bank has no parameter to read its device or dtype from: this zero-size
         # buffer follows every .to() / .bfloat16() of the model and tells add_expert (and
         # the null-space state) where and in which dtype the wrapped layer lives.
@@ -137,8 +140,8 @@ class ExpertBank(nn.Module):
         return torch.cat(downs, dim=0), torch.cat(ups, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Returns the experts' contribution, or ``None`` while the bank is empty."""
-        if not self.down:
+        """Returns the experts' contribution, or ``None`` while empty or disabled."""
+        if not (self.down and self.enabled):
             return None
         w_down, w_up = self.fused_weights()
         h = F.linear(x, w_down)

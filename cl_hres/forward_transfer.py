@@ -38,21 +38,28 @@ _NOT_IN_KEY = (
     "eval_batch_size",
     "experiences",
     "fwt_reference",
+    "num_workers",  # how batches are loaded, not what they hold
 )
 
 
 def method_family(strategy: str) -> str:
-    """The strategy a reference trains with.
+    """The strategy a reference trains with (the registry's ``reference``).
 
     NSP variants learn a first experience alone exactly as their unprotected twins do.
     """
-    return strategy[: -len("-nsp")] if strategy.endswith("-nsp") else strategy
+    from cl_hres import registry
+
+    return registry.STRATEGIES[strategy].reference_strategy
 
 
 def reference_key(config: dict[str, Any], weights_id: str, classes: Sequence[int]) -> str:
     """A stable key of the reference for one experience."""
+    from cl_hres import registry
+
     fields = {k: v for k, v in config.items() if k not in _NOT_IN_KEY}
     fields["method"] = method_family(config["strategy"])
+    if fields.get("concat_pretrained") is None:  # unset: the strategy's default decides
+        fields["concat_pretrained"] = registry.STRATEGIES[config["strategy"]].concat_pretrained
     fields["weights"] = weights_id
     fields["classes"] = sorted(int(c) for c in classes)
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()

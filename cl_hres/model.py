@@ -9,21 +9,21 @@ restricted to the task's classes (one head per task), and in a class-incremental
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
-from cl_hres import distributed
-from cl_hres.config import HEAD_CHOICES, HResConfig, LoRAConfig, VPTConfig
+from cl_hres import distributed, registry
+from cl_hres.config import HEAD_CHOICES
 from cl_hres.errors import ConfigError
 from cl_hres.experts import ExpertBank
 from cl_hres.heads import NCMHead, RidgeHead, StatisticsHead
-from cl_hres.vit_adapters import add_hres_experts, add_lora_experts, add_vpt_prompts, check_vit
+from cl_hres.vit_adapters import PromptedBlock, check_vit
 
-__all__ = ["METHODS", "ContinualViT"]
-
-METHODS = ("finetune", "hres", "linear", "lora", "vpt")
+__all__ = ["ContinualViT"]
 
 
 class ContinualViT(nn.Module):
@@ -31,9 +31,11 @@ class ContinualViT(nn.Module):
 
     Args:
         backbone: A timm ``VisionTransformer`` (any size; its classifier is not used).
-        method: ``hres`` (expert banks parallel to blocks), ``lora``, ``vpt``, ``linear``
-            (frozen backbone) or ``finetune`` (every backbone weight trainable).
-        method_config: ``HResConfig`` / ``LoRAConfig`` / ``VPTConfig`` for the method.
+        method: A method of :mod:`cl_hres.registry`: ``hres`` (expert banks parallel to
+            blocks), ``lora``, ``vpt``, ``linear`` (frozen backbone) or ``finetune``
+            (every backbone weight trainable).
+        method_config: The method's config (``HResConfig`` / ``LoRAConfig`` /
+            ``VPTConfig``); None: its defaults.
         expert_per_experience: For ``hres``/``lora``: a new expert per experience (older
             ones frozen) instead of one expert trained on every experience.
         head: Evaluation head: ``linear`` (the trained linear head), ``ncm`` or ``ridge``.
@@ -44,6 +46,12 @@ class ContinualViT(nn.Module):
         drift_compensation: Map the statistics heads' stored sums through the feature
             drift estimated on each new experience's data (needs
             :meth:`record_features_before` at the start of the experience).
+        concat_pretrained: Features are ``[pretrained(x), adapted(x)]``: the frozen
+            backbone's features (experts switched off) next to the adapted ones, as APER
+            builds its prototypes. Methods whose modules can be switched off only
+            (``hres``, ``lora``, ``vpt``; not ``linear`` or ``finetune``).
+        adapt_experiences: Train the method's parameters during the first N experiences
+            only, then freeze them (first-session adaptation, APER / RanPAC); None: always.
     """
 
     def __init__(
@@ -51,17 +59,22 @@ class ContinualViT(nn.Module):
         backbone: nn.Module,
         *,
         method: str = "hres",
-        method_config: HResConfig | LoRAConfig | VPTConfig | None = None,
+        method_config: Any = None,
         expert_per_experience: bool = True,
         head: str = "ridge",
         ridge: float | None = None,
         ridge_projection: int = 0,
         num_classes: int = 0,
         drift_compensation: bool = False,
+        concat_pretrained: bool = False,
+        adapt_experiences: int | None = None,
     ) -> None:
         super().__init__()
-        if method not in METHODS:
-            raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if method not in registry.METHODS:
+            raise ConfigError(
+                f"unknown method {method!r}; choose from {', '.join(sorted(registry.METHODS))}"
+            )
+        spec = registry.METHODS[method]
         if head not in HEAD_CHOICES:
             raise ConfigError(f"unknown head {head!r}; choose from {', '.join(HEAD_CHOICES)}")
         self.backbone = check_vit(backbone)
@@ -69,20 +82,22 @@ class ContinualViT(nn.Module):
         self.head_kind = head
         self.expert_per_experience = expert_per_experience
         # Drop-out / drop-path would make frozen features stochastic: eval mode for good.
-        self.backbone.requires_grad_(method == "finetune")
-        self.banks: list[ExpertBank] = []
-        if method == "hres":
-            self.method_config = method_config or HResConfig()
-            self.banks = add_hres_experts(self.backbone, self.method_config)
-        elif method == "lora":
-            self.method_config = method_config or LoRAConfig()
-            self.banks = add_lora_experts(self.backbone, self.method_config)
-        elif method == "vpt":
-            self.method_config = method_config or VPTConfig()
-            add_vpt_prompts(self.backbone, self.method_config)
-        else:
-            self.method_config = None
-        self.num_features = self.backbone.num_features
+        self.backbone.requires_grad_(spec.trains_backbone)
+        if method_config is None and spec.config_type is not None:
+            method_config = spec.config_type()
+        self.method_config = method_config
+        attach = registry.resolve(spec.attach)
+        self.banks: list[ExpertBank] = list(attach(self.backbone, method_config)) if attach else []
+        if concat_pretrained and not spec.switchable:
+            raise ConfigError(
+                f"concat_pretrained needs a method that can be switched off, not {method}"
+            )
+        if adapt_experiences is not None and adapt_experiences < 1:
+            raise ConfigError(f"adapt_experiences must be >= 1, got {adapt_experiences}")
+        self.concat_pretrained = concat_pretrained
+        self.adapt_experiences = adapt_experiences
+        width = self.backbone.num_features
+        self.num_features = 2 * width if concat_pretrained else width
         self.train_head = nn.Linear(self.num_features, num_classes)
         # One statistics head per task label: a class-incremental stream has only task 0;
         # in a task-incremental stream each task's head sees only its own data, so it
@@ -149,7 +164,11 @@ class ContinualViT(nn.Module):
         if not self.current_classes:
             raise ConfigError("an experience without classes cannot be trained")
         self.ensure_classes(max(max(c) for c in self.task_classes.values()) + 1)
-        if self.banks and (self.expert_per_experience or self.banks[0].num_experts == 0):
+        if not self.adapting:
+            # First-session adaptation is over: the method's weights (experts live inside
+            # the backbone's blocks) stay as they are.
+            self.backbone.requires_grad_(False)
+        elif self.banks and (self.expert_per_experience or self.banks[0].num_experts == 0):
             for bank in self.banks:
                 # In the wrapped layer's device and dtype; a bank whose null space is
                 # empty takes none (ExpertBank.add_expert).
@@ -157,11 +176,15 @@ class ContinualViT(nn.Module):
         self.experiences_seen += 1
 
     @property
+    def adapting(self) -> bool:
+        """Whether the experience being started trains the method's parameters."""
+        return self.adapt_experiences is None or self.experiences_seen < self.adapt_experiences
+
+    @property
     def has_statistics_pass(self) -> bool:
         """Whether :meth:`end_experience` runs a forward pass over the experience's data."""
         return self.head_kind != "linear"
 
-    @torch.no_grad()
     @torch.no_grad()
     def record_features_before(
         self, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -243,7 +266,7 @@ class ContinualViT(nn.Module):
 
     def adapter_parameter_count_total(self) -> int:
         """Parameters the method added or trained over the stream (frozen experts included)."""
-        if self.method == "finetune":
+        if registry.METHODS[self.method].trains_backbone:
             return sum(p.numel() for p in self.backbone.parameters())
         head = {id(p) for p in self.train_head.parameters()}
         base = {
@@ -267,8 +290,31 @@ class ContinualViT(nn.Module):
         """
         if x.is_floating_point():
             x = x.to(self.backbone_dtype)
+        adapted = self._backbone_features(x)
+        if not self.concat_pretrained:
+            return adapted
+        with self.experts_disabled(), torch.no_grad():
+            pretrained = self._backbone_features(x)
+        return torch.cat([pretrained, adapted], dim=-1)
+
+    def _backbone_features(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.backbone.forward_features(x)
         return self.backbone.forward_head(tokens, pre_logits=True)
+
+    @contextmanager
+    def experts_disabled(self) -> Iterator[None]:
+        """Within the block, the backbone computes its pretrained features (experts off)."""
+        switches = [
+            m for m in self.backbone.modules() if isinstance(m, (ExpertBank, PromptedBlock))
+        ]
+        states = [m.enabled for m in switches]
+        for m in switches:
+            m.enabled = False
+        try:
+            yield
+        finally:
+            for m, state in zip(switches, states):
+                m.enabled = state
 
     def _class_mask(
         self, task_labels: torch.Tensor | None, batch: int, num_classes: int

@@ -9,20 +9,49 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cl_hres import registry
 from cl_hres.config import HEAD_CHOICES, HResConfig, LoRAConfig, NullSpaceConfig, VPTConfig
 from cl_hres.errors import ConfigError
+from cl_hres.loaders import parse_num_workers
 from cl_hres.transforms import AUGMENT_CHOICES
 
-__all__ = ["DEFAULT_BACKBONE", "STRATEGY_NAMES", "RunConfig", "load_yaml_config"]
+__all__ = ["DEFAULT_BACKBONE", "RunConfig", "load_yaml_config"]
 
-# Kept here rather than imported from cl_hres.strategies so that validating a config needs
-# no Avalanche import (6 s); a test checks both lists agree.
-STRATEGY_NAMES = ("finetune", "hres", "hres-nsp", "joint", "linear", "lora", "lora-nsp", "vpt")
 
 # The embedded default's backbone: cl-hres's own ViT pretrained on Fashion-MNIST, shipped
 # as package data (cl_hres.backbones; the name is repeated here so that validating a config
 # does not import timm). ``pretrained: false`` gives the same architecture, random-init.
 DEFAULT_BACKBONE = "vit_pico_patch7_28.fmnist"
+
+
+def _mirror(config_type: type, name: str) -> Any:
+    """A RunConfig field mirroring ``config_type.name``: same default and help.
+
+    Tuple-valued options (blocks, LoRA targets) are comma-separated strings on the command
+    line and in YAML (lists are accepted too) and become tuples in the method config.
+    """
+    source = {f.name: f for f in dataclasses.fields(config_type)}[name]
+    default = source.default
+    if isinstance(default, tuple):
+        default = ",".join(str(v) for v in default)
+    element = {"blocks": int, "targets": str}.get(name)
+    return field(
+        default=default,
+        metadata={"help": source.metadata["help"], "mirrors": (config_type, name, element)},
+    )
+
+
+def _to_source_type(option: str, value: Any, element: type | None) -> Any:
+    """A mirrored option's value as its method config takes it."""
+    if element is None or value is None:
+        return value
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(f"{option} must be a comma-separated list, got {value!r}")
+    try:
+        return tuple(element(str(v).strip()) for v in items if str(v).strip())
+    except ValueError:
+        raise ConfigError(f"{option} must be comma-separated integers, got {value!r}") from None
 
 
 @dataclass
@@ -61,6 +90,13 @@ class RunConfig:
     bf16: bool = field(
         default=False, metadata={"help": "bfloat16 autocast (statistics stay float64)."}
     )
+    num_workers: int | str = field(
+        default="auto",
+        metadata={
+            "help": "DataLoader worker processes, or auto: none for in-memory data on the "
+            "CPU, cores - 1 (at most 8) for decoded images on a GPU (README Costs)."
+        },
+    )
     data_root: str = field(default="data", metadata={"help": "Where datasets live."})
     head: str = field(default="ridge", metadata={"help": "ridge, ncm or linear."})
     ridge: float | str = field(
@@ -70,16 +106,21 @@ class RunConfig:
     ridge_projection: int = field(
         default=0, metadata={"help": "Random ReLU projection width of the ridge head (0: none)."}
     )
-    rank: int = field(default=32, metadata={"help": "H-Res expert rank r."})
-    scale: float = field(default=1.0, metadata={"help": "H-Res scale λ."})
-    nsp_rule: str = field(default="relative", metadata={"help": "energy, ratio or relative."})
-    nsp_threshold: float = field(default=1e-4, metadata={"help": "Parameter of the rule."})
-    nsp_eta: float = field(default=1.0, metadata={"help": "Projector relaxation η."})
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
-    lora_targets: str = field(default="attn", metadata={"help": "attn, mlp or attn,mlp."})
-    vpt_length: int = field(default=10, metadata={"help": "VPT prompt length."})
-    vpt_deep: bool = field(default=True, metadata={"help": "Deep (per-block) prompts."})
+    # Method options: default and help come from the method's own dataclass (one source).
+    rank: int = _mirror(HResConfig, "rank")
+    scale: float = _mirror(HResConfig, "scale")
+    blocks: str | None = _mirror(HResConfig, "blocks")
+    nsp_rule: str = _mirror(NullSpaceConfig, "rule")
+    nsp_threshold: float = _mirror(NullSpaceConfig, "threshold")
+    nsp_eta: float = _mirror(NullSpaceConfig, "eta")
+    nsp_separate_prefix: bool = _mirror(NullSpaceConfig, "separate_prefix")
+    nsp_precision: str = _mirror(NullSpaceConfig, "precision")
+    lora_rank: int = _mirror(LoRAConfig, "rank")
+    lora_alpha: float = _mirror(LoRAConfig, "alpha")
+    lora_targets: str = _mirror(LoRAConfig, "targets")
+    lora_blocks: str | None = _mirror(LoRAConfig, "blocks")
+    vpt_length: int = _mirror(VPTConfig, "length")
+    vpt_deep: bool = _mirror(VPTConfig, "deep")
     validation: float = field(
         default=0.0, metadata={"help": "Train fraction held out as the evaluation set."}
     )
@@ -88,6 +129,13 @@ class RunConfig:
         metadata={
             "help": "Map the statistics head's stored sums through the feature drift "
             "measured on each new experience (ridge/ncm heads)."
+        },
+    )
+    concat_pretrained: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Head reads [pretrained, adapted] features (APER); default: the "
+            "strategy's choice. Methods that can be switched off only (hres, lora, vpt)."
         },
     )
     fwt_reference: bool = field(
@@ -104,11 +152,12 @@ class RunConfig:
     # ----------------------------------------------------------------- checks
     def validate(self) -> None:
         """Raises ConfigError naming the first bad value."""
-        if self.strategy not in STRATEGY_NAMES:
-            close = difflib.get_close_matches(self.strategy, STRATEGY_NAMES, n=1)
+        names = registry.strategy_names()
+        if self.strategy not in names:
+            close = difflib.get_close_matches(str(self.strategy), names, n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(
-                f"unknown strategy {self.strategy!r}{hint} (choose from {', '.join(STRATEGY_NAMES)})"
+                f"unknown strategy {self.strategy!r}{hint} (choose from {', '.join(names)})"
             )
         if self.scenario not in ("class", "task"):
             raise ConfigError(f"scenario must be class or task, got {self.scenario!r}")
@@ -149,9 +198,26 @@ class RunConfig:
             raise ConfigError(f"validation must be in [0, 1), got {self.validation!r}")
         if self.backbone_kwargs is not None and not isinstance(self.backbone_kwargs, dict):
             raise ConfigError("backbone_kwargs must be a mapping")
-        for name in ("pretrained", "vpt_deep", "bf16", "fwt_reference", "drift_compensation"):
+        for name in (
+            "pretrained",
+            "vpt_deep",
+            "bf16",
+            "fwt_reference",
+            "drift_compensation",
+            "nsp_separate_prefix",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.concat_pretrained is not None and not isinstance(self.concat_pretrained, bool):
+            raise ConfigError(
+                f"concat_pretrained must be true or false, got {self.concat_pretrained!r}"
+            )
+        if self.concat_pretrained and not self.spec.method_spec.switchable:
+            raise ConfigError(
+                f"concat_pretrained needs a method that can be switched off "
+                f"(hres, lora, vpt), not {self.strategy}"
+            )
+        self.num_workers = parse_num_workers(self.num_workers)
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
             raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         # The method configs validate their own fields.
@@ -175,32 +241,53 @@ class RunConfig:
             )
 
     # -------------------------------------------------------- derived configs
+    def _mirrored(self, config_type: type) -> Any:
+        """Builds ``config_type`` from the fields that mirror it (it validates itself)."""
+        kwargs = {}
+        for f in dataclasses.fields(self):
+            source = f.metadata.get("mirrors")
+            if source and source[0] is config_type:
+                kwargs[source[1]] = _to_source_type(f.name, getattr(self, f.name), source[2])
+        return config_type(**kwargs)
+
     def hres_config(self) -> HResConfig:
-        return HResConfig(rank=self.rank, scale=self.scale)
+        return self._mirrored(HResConfig)
 
     def lora_config(self) -> LoRAConfig:
-        targets = tuple(t.strip() for t in str(self.lora_targets).split(",") if t.strip())
-        return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, targets=targets)
+        return self._mirrored(LoRAConfig)
 
     def vpt_config(self) -> VPTConfig:
-        return VPTConfig(length=self.vpt_length, deep=self.vpt_deep)
+        return self._mirrored(VPTConfig)
 
     def nsp_config(self) -> NullSpaceConfig:
-        return NullSpaceConfig(rule=self.nsp_rule, threshold=self.nsp_threshold, eta=self.nsp_eta)
+        return self._mirrored(NullSpaceConfig)
 
     def ridge_value(self) -> float | None:
         """The ridge penalty for the head: None means chosen by GCV."""
         return None if self.ridge == "auto" else float(self.ridge)
 
-    def method_config(self) -> HResConfig | LoRAConfig | VPTConfig | None:
-        """The config the chosen strategy's method takes."""
-        if self.strategy.startswith("lora"):
-            return self.lora_config()
-        if self.strategy == "vpt":
-            return self.vpt_config()
-        if self.strategy in ("hres", "hres-nsp", "joint"):
-            return self.hres_config()
-        return None
+    @property
+    def spec(self) -> registry.StrategySpec:
+        """The chosen strategy's registry entry."""
+        return registry.STRATEGIES[self.strategy]
+
+    def head_reads_pretrained(self) -> bool:
+        """Whether the head reads ``[pretrained, adapted]`` features (unset: the strategy's)."""
+        if self.concat_pretrained is None:
+            return self.spec.concat_pretrained
+        return self.concat_pretrained
+
+    def method_config(self) -> Any:
+        """The config the chosen strategy's method takes (its defaults for a new method)."""
+        config_type = self.spec.method_spec.config_type
+        built_from_options = {
+            HResConfig: self.hres_config,
+            LoRAConfig: self.lora_config,
+            VPTConfig: self.vpt_config,
+        }
+        if config_type is None:
+            return None
+        return built_from_options.get(config_type, config_type)()
 
     def backbone_arguments(self, channels: int) -> dict[str, Any]:
         """Keyword arguments of :func:`~cl_hres.backbones.create_backbone`.

@@ -9,7 +9,7 @@ streams get one head per task while class-incremental streams need no task id.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -19,15 +19,17 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from cl_hres import distributed
+from cl_hres import distributed, registry
 from cl_hres.config import HResConfig, LoRAConfig, NullSpaceConfig, VPTConfig
 from cl_hres.errors import ConfigError
+from cl_hres.loaders import WorkerSafeDataset, loader_kwargs
 from cl_hres.model import ContinualViT
 from cl_hres.plugins import ContinualViTPlugin, FeatureDriftPlugin, NullSpaceProjectionPlugin
 
 __all__ = [
     "STRATEGIES",
     "FineTune",
+    "FirstSessionAdaptation",
     "HRes",
     "HResNSP",
     "Joint",
@@ -35,33 +37,76 @@ __all__ = [
     "LoRA",
     "LoRANSP",
     "VPT",
-    "register_strategy",
+    "strategy_class",
 ]
 
-STRATEGIES: dict[str, type[SupervisedTemplate]] = {}
+
+def _configure(cls: type, spec: registry.StrategySpec) -> type:
+    """Sets a strategy class's attributes from its registry entry (one source of truth)."""
+    cls.name = spec.name
+    cls.method = spec.method_name
+    cls.config_type = spec.method_spec.config_type
+    cls.expert_per_experience = spec.expert_per_experience
+    cls.uses_nsp = spec.uses_nsp
+    cls.trains_whole_stream = spec.trains_whole_stream
+    cls.concat_pretrained = spec.concat_pretrained
+    cls.adapt_experiences = spec.adapt_experiences
+    return cls
 
 
-def register_strategy(name: str) -> Callable[[type], type]:
-    """Class decorator adding a strategy to :data:`STRATEGIES`; names must be unique."""
+def _from_registry(name: str) -> Callable[[type], type]:
+    """Class decorator for the built-in strategies: attributes from ``registry``."""
+    return lambda cls: _configure(cls, registry.STRATEGIES[name])
 
-    def deco(cls: type) -> type:
-        if name in STRATEGIES:
-            raise ValueError(f"strategy name {name!r} is already registered")
-        STRATEGIES[name] = cls
-        cls.name = name
-        return cls
 
-    return deco
+_DERIVED: dict[str, type] = {}
+
+
+def strategy_class(name: str) -> type[SupervisedTemplate]:
+    """The Avalanche strategy class registered as ``name``.
+
+    A registered strategy without a class of its own gets a sequential cl-hres strategy
+    derived from its :class:`~cl_hres.registry.StrategySpec`.
+    """
+    spec = registry.STRATEGIES[name]
+    if spec.strategy_class is not None:
+        return registry.resolve(spec.strategy_class)
+    if name not in _DERIVED:
+        cls = type(name.title().replace("-", ""), (_ViTStrategy,), {"__doc__": spec.summary})
+        _DERIVED[name] = _configure(cls, spec)
+    return _DERIVED[name]
+
+
+class _StrategyClasses(Mapping):
+    """Registered strategy names → classes (a live view of :mod:`cl_hres.registry`)."""
+
+    def __getitem__(self, name: str) -> type[SupervisedTemplate]:
+        return strategy_class(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(registry.strategy_names())
+
+    def __len__(self) -> int:
+        return len(registry.STRATEGIES)
+
+
+STRATEGIES: Mapping[str, type[SupervisedTemplate]] = _StrategyClasses()
 
 
 class _ViTStrategy(SupervisedTemplate):
-    """Base of the cl-hres strategies (not registered)."""
+    """Base of the cl-hres strategies (not registered).
+
+    The class attributes come from the strategy's :mod:`cl_hres.registry` entry.
+    """
 
     name: ClassVar[str] = ""
     method: ClassVar[str] = "hres"
     expert_per_experience: ClassVar[bool] = True
     uses_nsp: ClassVar[bool] = False
+    trains_whole_stream: ClassVar[bool] = False
     config_type: ClassVar[type | None] = HResConfig
+    concat_pretrained: ClassVar[bool] = False
+    adapt_experiences: ClassVar[int | None] = None
 
     def __init__(
         self,
@@ -82,6 +127,7 @@ class _ViTStrategy(SupervisedTemplate):
         ridge: float | None = None,
         ridge_projection: int = 0,
         drift_compensation: bool = False,
+        concat_pretrained: bool | None = None,
         method_config: HResConfig | LoRAConfig | VPTConfig | None = None,
         nsp_config: NullSpaceConfig | None = None,
         num_classes: int = 0,
@@ -110,6 +156,8 @@ class _ViTStrategy(SupervisedTemplate):
             ridge_projection: Width of the ridge head's random ReLU projection (0: none).
             drift_compensation: Map the statistics head's stored sums through the feature
                 drift measured on each new experience's data (cl_hres.drift_compensation).
+            concat_pretrained: Head features ``[pretrained(x), adapted(x)]`` (APER); None:
+                the strategy's default.
             method_config: Config of the strategy's method (HRes/LoRA/VPT).
             nsp_config: Null-space rule for the ``*-nsp`` strategies.
             num_classes: Classes known up front (optional; the head grows as needed).
@@ -122,20 +170,14 @@ class _ViTStrategy(SupervisedTemplate):
             if model.method != self.method:
                 raise ConfigError(f"{self.name} needs a {self.method} model, got {model.method}")
         else:
-            if method_config is not None and not isinstance(method_config, self.config_type or ()):
-                raise ConfigError(
-                    f"{self.name} takes a {getattr(self.config_type, '__name__', 'no')} config, "
-                    f"got {type(method_config).__name__}"
-                )
-            model = ContinualViT(
+            model = self.build_model(
                 model,
-                method=self.method,
                 method_config=method_config,
-                expert_per_experience=self.expert_per_experience,
                 head=head,
                 ridge=ridge,
                 ridge_projection=ridge_projection,
                 drift_compensation=drift_compensation,
+                concat_pretrained=concat_pretrained,
                 num_classes=num_classes,
             )
         if optimizer is None:
@@ -173,6 +215,42 @@ class _ViTStrategy(SupervisedTemplate):
             **kwargs,
         )
 
+    @classmethod
+    def build_model(
+        cls,
+        backbone: nn.Module,
+        *,
+        method_config: Any = None,
+        concat_pretrained: bool | None = None,
+        **head_options: Any,
+    ) -> ContinualViT:
+        """The strategy's :class:`ContinualViT` around a timm ViT (also rebuilds a run's).
+
+        Args:
+            backbone: A timm VisionTransformer.
+            method_config: Config of the strategy's method; None: its defaults.
+            concat_pretrained: Head features ``[pretrained(x), adapted(x)]``; None: the
+                strategy's default.
+            **head_options: ``head``, ``ridge``, ``ridge_projection``,
+                ``drift_compensation``, ``num_classes`` (see :class:`ContinualViT`).
+        """
+        if method_config is not None and not isinstance(method_config, cls.config_type or ()):
+            raise ConfigError(
+                f"{cls.name} takes a {getattr(cls.config_type, '__name__', 'no')} config, "
+                f"got {type(method_config).__name__}"
+            )
+        return ContinualViT(
+            backbone,
+            method=cls.method,
+            method_config=method_config,
+            expert_per_experience=cls.expert_per_experience,
+            concat_pretrained=cls.concat_pretrained
+            if concat_pretrained is None
+            else concat_pretrained,
+            adapt_experiences=cls.adapt_experiences,
+            **head_options,
+        )
+
     def forward(self) -> torch.Tensor:
         # Task labels reach the model whenever batches carry them (x, y, t): the model
         # decides whether they restrict the classes.
@@ -187,6 +265,15 @@ class _ViTStrategy(SupervisedTemplate):
             out = model(self.mb_x, task_labels=task_labels)
         # Loss and metrics in float32 (-inf masks survive the cast).
         return out.float()
+
+    def training_epoch(self, **kwargs: Any) -> None:
+        # Nothing but the training head would learn, and a statistics head is fitted in
+        # closed form after the experience without reading it (linear probe; APER after
+        # its first session): the epoch would change no result, so it is not run.
+        model = self.model
+        if model.has_statistics_pass and model.adapter_parameter_count() == 0:
+            return
+        super().training_epoch(**kwargs)
 
     def make_optimizer(self, **kwargs: Any) -> None:
         # Avalanche's default hands frozen parameters to the optimizer too and mis-assigns
@@ -227,12 +314,12 @@ class _ViTStrategy(SupervisedTemplate):
             seed=self.seed,
         )
         self.dataloader = DataLoader(
-            self.adapted_dataset,
+            WorkerSafeDataset(self.adapted_dataset),
             batch_size=max(1, self.train_mb_size // world),
             sampler=sampler,
-            num_workers=num_workers,
             drop_last=drop_last,
             collate_fn=getattr(self.adapted_dataset, "collate_fn", None),
+            **loader_kwargs(self.device, num_workers, pin_memory, persistent_workers),
         )
 
     def _before_training_epoch(self, **kwargs: Any) -> None:
@@ -248,81 +335,65 @@ class _ViTStrategy(SupervisedTemplate):
         persistent_workers: bool = False,
         **kwargs: Any,
     ) -> None:
-        if not distributed.is_distributed():
-            return super().make_eval_dataloader(
-                num_workers=num_workers,
-                shuffle=shuffle,
-                pin_memory=pin_memory,
-                persistent_workers=persistent_workers,
-                **kwargs,
-            )
+        dataset = self.adapted_dataset
+        if distributed.is_distributed():
+            dataset = distributed.shard(dataset)
         self.dataloader = DataLoader(
-            distributed.shard(self.adapted_dataset),
+            WorkerSafeDataset(dataset),
             batch_size=self.eval_mb_size,
-            shuffle=False,
+            shuffle=shuffle,
             collate_fn=getattr(self.adapted_dataset, "collate_fn", None),
+            **loader_kwargs(self.device, num_workers, pin_memory, persistent_workers),
         )
 
 
-@register_strategy("hres-nsp")
+@_from_registry("hres-nsp")
 class HResNSP(_ViTStrategy):
     """H-Res expert per experience with null-space projection (the proposed method)."""
 
-    uses_nsp = True
 
-
-@register_strategy("hres")
+@_from_registry("hres")
 class HRes(_ViTStrategy):
     """H-Res expert per experience, older experts frozen, no projection."""
 
 
-@register_strategy("lora")
+@_from_registry("lora")
 class LoRA(_ViTStrategy):
     """Sequential LoRA: one low-rank adapter trained on every experience in turn."""
 
-    method = "lora"
-    expert_per_experience = False
-    config_type = LoRAConfig
 
-
-@register_strategy("lora-nsp")
+@_from_registry("lora-nsp")
 class LoRANSP(_ViTStrategy):
     """A LoRA branch per experience with ``A`` kept in the old inputs' null space (InfLoRA idea)."""
 
-    method = "lora"
-    uses_nsp = True
-    config_type = LoRAConfig
 
-
-@register_strategy("vpt")
+@_from_registry("vpt")
 class VPT(_ViTStrategy):
     """Sequential visual prompt tuning (shallow or deep)."""
 
-    method = "vpt"
-    config_type = VPTConfig
 
-
-@register_strategy("linear")
+@_from_registry("linear")
 class LinearProbe(_ViTStrategy):
     """Frozen backbone; only the head learns."""
 
-    method = "linear"
-    config_type = None
+
+@_from_registry("aper")
+class FirstSessionAdaptation(_ViTStrategy):
+    """First-session adaptation (APER / RanPAC), a reference point of PTM-based CIL.
+
+    One H-Res expert is trained on the first experience only, then frozen; the head reads
+    ``[pretrained(x), adapted(x)]`` (APER's concatenation).
+    """
 
 
-@register_strategy("finetune")
+@_from_registry("finetune")
 class FineTune(_ViTStrategy):
     """Every backbone weight trained on each experience in turn (forgets most)."""
 
-    method = "finetune"
-    config_type = None
 
-
-@register_strategy("joint")
+@_from_registry("joint")
 class Joint(_ViTStrategy, JointTraining):
     """One H-Res expert trained on all experiences at once: the upper bound.
 
     Call ``train`` once with the whole train stream.
     """
-
-    expert_per_experience = False

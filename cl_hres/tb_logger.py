@@ -2,15 +2,15 @@
 
 Every scalar of a run shares one step axis, Avalanche's: training iterations
 (``strategy.clock.train_iterations``). Avalanche logs the loss and its accuracy metrics
-there; the runner adds the ``cl/``, ``nsp/`` and ``drift/`` scalars of
-:mod:`cl_hres.metrics` after each experience, at the same step as that experience's
-evaluation.
+there; after each experience the train–evaluate loop (:mod:`cl_hres.run_loop`) hands the
+``cl/`` scalars and the plugins' ``nsp/`` and ``drift/`` scalars to the evaluator's
+loggers as Avalanche ``MetricValue`` s (``BaseLogger.log_metrics``), at the same step as
+that experience's evaluation.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping
 from pathlib import Path
 
 from avalanche.logging import BaseLogger, TensorboardLogger
@@ -60,12 +60,6 @@ class RunTensorboardLogger(TensorboardLogger):
     def log_single_metric(self, name: str, value, x_plot: int) -> None:
         if not name.startswith(self.skip):
             super().log_single_metric(name, value, x_plot)
-
-    def log_scalars(self, scalars: Mapping[str, float | None], step: int) -> None:
-        """Logs every scalar that is not None at ``step`` (None: undefined, not 0)."""
-        for name, value in scalars.items():
-            if value is not None:
-                self.log_single_metric(name, float(value), step)
 
     def flush(self) -> None:
         """Writes pending events to disk (before a checkpoint marks them as done)."""

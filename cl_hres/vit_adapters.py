@@ -23,6 +23,7 @@ __all__ = [
     "add_hres_experts",
     "add_lora_experts",
     "add_vpt_prompts",
+    "attach_vpt_prompts",
     "check_vit",
     "expert_banks",
 ]
@@ -141,8 +142,13 @@ class PromptedBlock(nn.Module):
         self.length = length
         self.insert = insert
         self.strip = strip
+        # Off: the block is the pretrained one (ContinualViT.experts_disabled); every
+        # PromptedBlock is switched together, so no block meets a half-prompted sequence.
+        self.enabled = True
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not self.enabled:
+            return self.base_layer(x, *args, **kwargs)
         npfx = self.num_prefix_tokens
         if self.prompts is not None:
             prompts = self.prompts.to(x.dtype).expand(x.shape[0], -1, -1)
@@ -152,6 +158,12 @@ class PromptedBlock(nn.Module):
         if self.strip:
             x = torch.cat([x[:, :npfx], x[:, npfx + self.length :]], dim=1)
         return x
+
+
+def attach_vpt_prompts(vit: nn.Module, config: VPTConfig) -> list[ExpertBank]:
+    """:func:`add_vpt_prompts` under the registry's attach signature (VPT has no banks)."""
+    add_vpt_prompts(vit, config)
+    return []
 
 
 def add_vpt_prompts(vit: nn.Module, config: VPTConfig) -> list[nn.Parameter]:

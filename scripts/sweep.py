@@ -26,13 +26,27 @@ from cl_hres.runner import execute, prepare
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--grid", required=True, help="JSON: option -> list of values")
+    p.add_argument("--grid", help="JSON: option -> list of values (required unless --replot)")
     p.add_argument("--base", default="{}", help="JSON: fixed options")
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
     p.add_argument("--validation", type=float, default=0.2, help="train fraction held out")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--plot-x", help="option on the x axis of the stability-plasticity plot")
+    p.add_argument("--replot", action="store_true", help="redraw --out's plot from sweep.json")
     args = p.parse_args()
+    if args.replot:
+        saved = json.loads((args.out / "sweep.json").read_text())
+        x = args.plot_x or next(iter(saved["grid"]))
+        plot_sweep(
+            saved["rows"],
+            list(saved["grid"]),
+            x,
+            saved["base"],
+            args.out / "stability_plasticity.png",
+        )
+        return 0
+    if not args.grid:
+        p.error("--grid is required")
     if not 0 < args.validation < 1:
         p.error("--validation must be in (0, 1): sweeps never look at the test split")
     grid, base = json.loads(args.grid), json.loads(args.base)
@@ -127,35 +141,52 @@ def main() -> int:
         )
     (args.out / "sweep.md").write_text("\n".join(lines) + "\n")
     if args.plot_x:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        xs = [row["point"][args.plot_x] for row in rows]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.errorbar(
-            xs,
-            [100 * r["final_average_accuracy"]["mean"] for r in rows],
-            yerr=[100 * r["final_average_accuracy"]["std"] for r in rows],
-            marker="o",
-            label="final accuracy (%)",
-        )
-        ax.errorbar(
-            xs,
-            [100 * r["forgetting"]["mean"] for r in rows],
-            yerr=[100 * r["forgetting"]["std"] for r in rows],
-            marker="s",
-            label="forgetting (pp)",
-        )
-        if all(isinstance(x, (int, float)) for x in xs) and min(xs) > 0 and max(xs) / min(xs) > 50:
-            ax.set_xscale("log")
-        ax.set_xlabel(args.plot_x)
-        ax.set_title(f"stability–plasticity ({base.get('strategy', 'hres-nsp')}, validation)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.out / "stability_plasticity.png", dpi=120)
+        plot_sweep(rows, keys, args.plot_x, base, args.out / "stability_plasticity.png")
     return 0
+
+
+def plot_sweep(rows: list[dict], keys: list[str], x: str, base: dict, path: Path) -> None:
+    """Final accuracy and forgetting against option ``x``, one pair of curves per setting
+    of the other options in the grid (e.g. one per scenario)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    others = [k for k in keys if k != x]
+    series: dict[tuple, list[dict]] = {}
+    for row in rows:
+        series.setdefault(tuple(row["point"][k] for k in others), []).append(row)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    xs_all = [row["point"][x] for row in rows]
+    for i, (setting, group) in enumerate(series.items()):
+        group = sorted(group, key=lambda r: r["point"][x])
+        xs = [r["point"][x] for r in group]
+        name = ", ".join(f"{k}={v}" for k, v in zip(others, setting))
+        suffix = f" ({name})" if name else ""
+        color = f"C{i}"
+        for key, marker, style, label in (
+            ("final_average_accuracy", "o", "-", "final accuracy (%)"),
+            ("forgetting", "s", "--", "forgetting (pp)"),
+        ):
+            ax.errorbar(
+                xs,
+                [100 * (r[key]["mean"] or 0) for r in group],
+                yerr=[100 * (r[key]["std"] or 0) for r in group],
+                marker=marker,
+                linestyle=style,
+                color=color,
+                label=label + suffix,
+            )
+    numeric = all(isinstance(v, (int, float)) for v in xs_all)
+    if numeric and min(xs_all) > 0 and max(xs_all) / min(xs_all) > 50:
+        ax.set_xscale("log")
+    ax.set_xlabel(x)
+    ax.set_title(f"stability–plasticity ({base.get('strategy', 'hres-nsp')}, validation)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

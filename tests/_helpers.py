@@ -2,6 +2,10 @@
 
 import torch
 
+# Options of the shared tiny runs (conftest's tiny_run, tiny_task_run); a test comparing
+# against one of them runs with these too.
+TINY = ["--epochs", "1", "--no-progress", "--no-fwt-reference", "--experiences", "3"]
+
 
 def make_vit(seed: int = 0, **overrides):
     """A small random-init timm ViT (8×8 single-channel input, 4 patches + cls)."""

@@ -1,13 +1,58 @@
+import contextlib
+import hashlib
+import io
 import os
+from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
-from _helpers import make_vit
+from _helpers import TINY, make_vit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast instead of retrying the hub
 torch.set_num_threads(2)
 
 
+class TinyRun(NamedTuple):
+    """A finished run shared by the tests of a session: read it, copy it to change it."""
+
+    out: Path
+    stdout: str
+
+
 @pytest.fixture
 def vit():
     return make_vit()
+
+
+def _digest(path: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _tiny_run(tmp_path_factory, *extra: str):
+    from cl_hres.cli import main
+
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(["run", "--out", str(out), *TINY, *extra]) == 0
+    before = _digest(out)
+    yield TinyRun(out, stdout.getvalue())
+    # Shared means read-only: a test that wrote into it would make others order-dependent.
+    assert _digest(out) == before, f"a test changed the shared run {out}"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """``cl-hres run`` with the defaults (hres-nsp, class-incremental) and :data:`TINY`."""
+    yield from _tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_task_run(tmp_path_factory):
+    """As :func:`tiny_run`, task-incremental."""
+    yield from _tiny_run(tmp_path_factory, "--scenario", "task")

@@ -3,6 +3,7 @@
 import json
 
 from cl_hres.cli import main
+from cl_hres.loaders import resolve_loader_settings
 
 
 def test_bench_tiny_writes_every_figure(tmp_path, capsys):
@@ -20,7 +21,20 @@ def test_bench_tiny_writes_every_figure(tmp_path, capsys):
     )
     assert 0.8 < lora / hres < 1.2
     assert res["train"]["hres-nsp"]["trainable_parameters"] == hres  # only the newest expert trains
-    assert set(res["inference"]) == {"frozen", *(f"hres_{k}_experts" for k in (1, 5, 10, 20))}
+    assert set(res["inference"]) == {
+        "frozen",
+        "hres_10_experts_rank4",
+        *(f"hres_{k}_experts" for k in (1, 5, 10, 20, 50)),
+    }
+    # The pinned input-pipeline figures (issue 13), with the loader a run would use.
+    assert set(res["data"]) == {"in_memory", "in_memory_pil", "file"}
+    for row in res["data"].values():
+        assert row["images_per_s"] > 0
+        expected = row["images_per_s"] / res["train"]["hres-nsp"]["images_per_s"]
+        assert abs(row["ratio_to_train"] - expected) < 1e-9 * expected
+    pil_workers = resolve_loader_settings("auto", device="cpu", kind="pil").num_workers
+    assert res["data"]["in_memory"]["num_workers"] == 0
+    assert res["data"]["file"]["num_workers"] == pil_workers
     assert res["nsp"]["accumulate_ratio"] > 0 and res["nsp"]["eigendecomposition_ms_per_block"] > 0
     assert "× floor" in (out / "bench.md").read_text()
     assert (

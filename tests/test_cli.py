@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from _helpers import TINY
 
 from cl_hres.cli import main
 from cl_hres.metrics import summarise
@@ -16,12 +17,12 @@ def _results(path):
 
 
 @pytest.mark.parametrize("scenario", ["class", "task"])
-def test_run_writes_every_output(tmp_path, scenario, capsys):
-    out = tmp_path / "run"
-    assert main(["run", "--out", str(out), "--scenario", scenario, *FAST]) == 0
+def test_run_writes_every_output(request, scenario):
+    run = request.getfixturevalue("tiny_run" if scenario == "class" else "tiny_task_run")
+    out, n = run.out, 3
     res = _results(out)
     r = res["accuracy_matrix"]
-    assert len(r) == 5 and all(len(row) == 5 for row in r)
+    assert len(r) == n and all(len(row) == n for row in r)
     assert all(0 <= a <= 1 for i, row in enumerate(r) for a in row[: i + 1])
     for key, value in summarise(r, res["untrained_accuracy"], scenario, "ridge").items():
         assert res[key] == value
@@ -32,28 +33,33 @@ def test_run_writes_every_output(tmp_path, scenario, capsys):
     assert res["trainable_parameters"]["adapter_total"] > 0
     assert res["timing"]["train_seconds"] > 0
     assert res["config"]["backbone"] == "vit_pico_patch7_28.fmnist"
-    assert len(res["null_space"]) == 5 and res["null_space"][-1]["interference"]
-    assert [h["experience"] for h in res["feature_drift"]] == list(range(5))
-    assert sorted(res["feature_drift"][-1]["drift"]) == ["0", "1", "2", "3"]
+    assert len(res["null_space"]) == n and res["null_space"][-1]["interference"]
+    assert [h["experience"] for h in res["feature_drift"]] == list(range(n))
+    assert sorted(res["feature_drift"][-1]["drift"]) == [str(j) for j in range(n - 1)]
     assert (out / "forgetting_curves.png").stat().st_size > 1000
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     # Before experience j is trained no classifier for it exists (class-incremental: its
     # classes are not among the logits; task-incremental: no head for the task yet), so
     # its cells are null, not 0.
-    assert all(r[i][j] is None for i in range(5) for j in range(i + 1, 5))
-    assert "hres-nsp" in capsys.readouterr().out
+    assert all(r[i][j] is None for i in range(n) for j in range(i + 1, n))
+    assert "hres-nsp" in run.stdout
 
 
-def test_tensorboard_has_forgetting_scalars(tmp_path):
+def test_split_digits_defaults_to_five_experiences():
+    from cl_hres.run_config import RunConfig
+    from cl_hres.runner import prepare
+
+    assert prepare(RunConfig()).experiences == 5
+
+
+def test_tensorboard_has_forgetting_scalars(tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out = tmp_path / "run"
-    main(["run", "--out", str(out), "--experiences", "2", *FAST])
-    acc = EventAccumulator(str(out / "tensorboard"))
+    acc = EventAccumulator(str(tiny_run.out / "tensorboard"))
     acc.Reload()
     tags = acc.Tags()["scalars"]
     assert "cl/average_accuracy_seen" in tags and "cl/accuracy_exp000" in tags
-    assert len(acc.Scalars("cl/accuracy_exp000")) == 2
+    assert len(acc.Scalars("cl/accuracy_exp000")) == 3
 
 
 @pytest.mark.parametrize("scenario", ["class", "task"])
@@ -85,17 +91,17 @@ def test_compare_runs_every_strategy(tmp_path, scenario):
     assert (out / "comparison.png").stat().st_size > 1000
 
 
-def test_same_seed_gives_identical_results(tmp_path):
+def test_same_seed_gives_identical_results(tmp_path, tiny_run):
     runs = []
-    for k in range(2):
-        out = tmp_path / f"r{k}"
-        main(["run", "--out", str(out), "--experiences", "2", "--strategy", "hres-nsp", *FAST])
+    for out in (tiny_run.out, tmp_path / "again"):
+        if not out.exists():
+            assert main(["run", "--out", str(out), *TINY]) == 0
         res = _results(out)
         res.pop("timing")
         runs.append(res)
     assert runs[0] == runs[1]
     other = tmp_path / "seed1"
-    main(["run", "--out", str(other), "--experiences", "2", "--seed", "1", *FAST])
+    assert main(["run", "--out", str(other), *TINY, "--seed", "1"]) == 0
     assert _results(other)["accuracy_matrix"] != runs[0]["accuracy_matrix"]
 
 
@@ -114,10 +120,10 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     assert 0.0 < acc <= 1.0
 
 
-def test_task_incremental_heads_are_per_task_and_fwt_defined_for_linear_head(tmp_path):
-    out = tmp_path / "t"
-    main(["run", "--out", str(out), "--scenario", "task", "--experiences", "3", *FAST])
-    res = _results(out)
+def test_task_incremental_heads_are_per_task_and_fwt_defined_for_linear_head(
+    tmp_path, tiny_task_run
+):
+    res = _results(tiny_task_run.out)
     assert sorted(res["head_protocol"]["ridge_chosen"]) == ["0", "1", "2"]  # one ridge per task
     lin = tmp_path / "lin"
     main(
@@ -140,11 +146,10 @@ def test_task_incremental_heads_are_per_task_and_fwt_defined_for_linear_head(tmp
     assert all(a is not None for row in res["accuracy_matrix"] for a in row)
 
 
-def test_bf16_autocast_runs_and_stays_close(tmp_path):
-    ref, half = tmp_path / "fp32", tmp_path / "bf16"
-    main(["run", "--out", str(ref), "--experiences", "2", *FAST])
-    main(["run", "--out", str(half), "--experiences", "2", "--bf16", *FAST])
-    a, b = _results(ref), _results(half)
+def test_bf16_autocast_runs_and_stays_close(tmp_path, tiny_run):
+    half = tmp_path / "bf16"
+    assert main(["run", "--out", str(half), *TINY, "--bf16"]) == 0
+    a, b = _results(tiny_run.out), _results(half)
     assert b["config"]["bf16"] is True
     assert abs(a["final_average_accuracy"] - b["final_average_accuracy"]) < 0.1
 

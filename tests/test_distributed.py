@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 import pytest
-
-from cl_hres.cli import main
+from _helpers import TINY
 
 TORCHRUN = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
 needs_torchrun = pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
@@ -27,13 +26,10 @@ def _torchrun(*argv: str) -> subprocess.CompletedProcess:
 
 
 @needs_torchrun
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one(tmp_path, tiny_task_run):
     # Task-incremental: also covers the untrained baseline and the per-task heads.
-    args = ["--experiences", "3", "--epochs", "1", "--scenario", "task", "--no-progress"]
-    args += ["--no-fwt-reference"]
-    single, multi = tmp_path / "single", tmp_path / "multi"
-    assert main(["run", "--out", str(single), *args]) == 0
-    proc = _torchrun("run", "--out", str(multi), *args)
+    single, multi = tiny_task_run.out, tmp_path / "multi"
+    proc = _torchrun("run", "--out", str(multi), *TINY, "--scenario", "task")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("hres-nsp ") == 1  # only rank 0 reports
     a = json.loads((single / "results.json").read_text())

@@ -30,16 +30,17 @@ def test_summary_averages_experiences_after_the_first():
 
 @pytest.mark.slow
 def test_compare_reports_forward_transfer_and_shares_references(tmp_path, monkeypatch):
-    import cl_hres.runner as runner
+    import cl_hres.run_report as run_report
 
     made = []
-    original = runner._make_strategy
+    original = run_report.make_strategy
 
     def counting(prep, tb_dir, **kwargs):
         made.append((prep.config.strategy, tb_dir))
         return original(prep, tb_dir, **kwargs)
 
-    monkeypatch.setattr(runner, "_make_strategy", counting)
+    # The report stage trains the references (the stream's strategy is built elsewhere).
+    monkeypatch.setattr(run_report, "make_strategy", counting)
     out = tmp_path / "cmp"
     args = ["compare", "--strategies", "hres-nsp,hres", "--out", str(out), *FAST]
     assert main(args) == 0

@@ -66,10 +66,14 @@ def test_collapse_ratio_orders_tight_and_loose_clusters():
     assert tight < collapse_ratio(x + 5 * torch.randn_like(x), y)
 
 
-def test_analyze_reports_claims_on_a_tiny_run(tmp_path, capsys):
-    small = ["--epochs", "1", "--experiences", "2", "--no-progress", "--no-fwt-reference"]
-    main(["run", "--out", str(tmp_path / "h"), *small])
-    main(["run", "--out", str(tmp_path / "v"), "--strategy", "vpt", "--vpt-length", "3", *small])
+def test_analyze_reports_claims_on_a_tiny_run(tmp_path, capsys, tiny_run):
+    import shutil
+
+    from _helpers import TINY
+
+    # analyze writes into the run: a copy of the shared one.
+    shutil.copytree(tiny_run.out, tmp_path / "h")
+    main(["run", "--out", str(tmp_path / "v"), "--strategy", "vpt", "--vpt-length", "3", *TINY])
     capsys.readouterr()
     assert (
         main(
@@ -100,7 +104,7 @@ def test_analyze_reports_claims_on_a_tiny_run(tmp_path, capsys):
     # The first block sees the frozen model's input, so its attention is identical.
     assert att["hres-nsp"][0]["entropy"] == pytest.approx(att["frozen"][0]["entropy"], abs=1e-6)
     assert set(report["neural_collapse"]) == {"frozen", "hres-nsp", "vpt"}
-    assert len(report["null_space"]) == 2
+    assert len(report["null_space"]) == 3
     assert "CLS attention entropy" in (tmp_path / "h" / "analysis.md").read_text()
     assert main(["analyze", "--run", str(tmp_path / "missing")]) == 2
 

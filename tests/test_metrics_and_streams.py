@@ -6,7 +6,6 @@ from cl_hres.benchmarks import build_stream, class_split
 from cl_hres.data import load_digits_data
 from cl_hres.errors import ConfigError
 from cl_hres.metrics import accuracy_row_from_results, summarise
-from cl_hres.run_config import STRATEGY_NAMES
 
 
 def test_metrics_match_hand_computed_values():
@@ -53,12 +52,6 @@ def test_streams_hold_all_classes_in_seeded_order(scenario):
     assert classes == [sorted(e.classes_in_this_experience) for e in bm.test_stream]
     if scenario == "task":
         assert [e.task_label for e in bm.train_stream] == [0, 1, 2]
-
-
-def test_strategy_registry_matches_config_names():
-    from cl_hres.strategies import STRATEGIES
-
-    assert sorted(STRATEGIES) == sorted(STRATEGY_NAMES)
 
 
 def test_every_recipe_is_a_valid_config():

@@ -55,10 +55,8 @@ def test_shipped_backbone_is_package_data():
     assert "pretrained/*.safetensors" in patterns and "pretrained/*.json" in patterns
 
 
-def test_default_run_uses_the_shipped_pretrained_backbone(tmp_path):
-    out = tmp_path / "run"
-    assert main(["run", "--out", str(out), "--experiences", "2", *FAST]) == 0
-    res = _results(out)
+def test_default_run_uses_the_shipped_pretrained_backbone(tiny_run):
+    res = _results(tiny_run.out)
     assert res["backbone"]["name"] == SHIPPED_BACKBONE
     assert res["backbone"]["weights"] == "shipped with cl-hres"
     assert res["backbone"]["sha256"] == shipped_card()["provenance"]["sha256"]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _helpers import interrupt_on_second_call
+from _helpers import TINY, interrupt_on_second_call
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -52,7 +53,8 @@ def _snapshot(path: Path) -> dict:
 
 def test_sigkill_during_experience_then_resume_matches_uninterrupted(tmp_path):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    args = ["--epochs", "2", "--no-progress", "--no-fwt-reference"]
+    # Two epochs: the kill can land between epochs of an experience, not only in one.
+    args = ["--epochs", "2", "--experiences", "3", "--no-progress", "--no-fwt-reference"]
     assert main(["run", "--out", str(ref), *args]) == 0
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(
@@ -95,19 +97,18 @@ def _tensorboard_steps(run: Path) -> list[int]:
     return sorted(steps)
 
 
-def test_ctrl_c_leaves_a_resumable_state(tmp_path, monkeypatch, capsys):
+def test_ctrl_c_leaves_a_resumable_state(tmp_path, monkeypatch, capsys, tiny_run):
     from cl_hres.plugins import ContinualViTPlugin
 
-    ref, out = tmp_path / "ref", tmp_path / "out"
-    main(["run", "--out", str(ref), "--experiences", "3", *FAST])
+    out = tmp_path / "out"
     original = interrupt_on_second_call(
         monkeypatch, ContinualViTPlugin, "after_train_dataset_adaptation"
     )
-    assert main(["run", "--out", str(out), "--experiences", "3", *FAST]) == 130
+    assert main(["run", "--out", str(out), *TINY]) == 130
     assert "--resume" in capsys.readouterr().err
     monkeypatch.setattr(ContinualViTPlugin, "after_train_dataset_adaptation", original)
     assert main(["run", "--resume", "--out", str(out), "--no-progress"]) == 0
-    _assert_same_results(_results(ref), _results(out))
+    _assert_same_results(_results(tiny_run.out), _results(out))
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, monkeypatch, capsys):
@@ -131,9 +132,13 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, monkeypa
     assert not (out / "results.json").exists()
 
 
-def test_existing_results_are_not_overwritten(tmp_path, capsys):
-    out = tmp_path / "out"
-    assert main(["run", "--out", str(out), "--experiences", "2", *FAST]) == 0
+def _copy(run: Path, tmp_path: Path) -> Path:
+    """A copy of a shared run that a test may change."""
+    return Path(shutil.copytree(run, tmp_path / "out"))
+
+
+def test_existing_results_are_not_overwritten(tmp_path, capsys, tiny_run):
+    out = _copy(tiny_run.out, tmp_path)
     before = _snapshot(out)
     capsys.readouterr()
     assert main(["run", "--out", str(out), "--experiences", "2", *FAST]) == 2
@@ -142,9 +147,8 @@ def test_existing_results_are_not_overwritten(tmp_path, capsys):
     assert main(["run", "--out", str(out), "--experiences", "2", "--overwrite", *FAST]) == 0
 
 
-def test_resume_refuses_a_different_run(tmp_path, capsys):
-    out = tmp_path / "out"
-    main(["run", "--out", str(out), "--experiences", "2", *FAST])
+def test_resume_refuses_a_different_run(tmp_path, capsys, tiny_run):
+    out = _copy(tiny_run.out, tmp_path)
     before = _snapshot(out)
     capsys.readouterr()
     assert main(["run", "--resume", "--out", str(out), "--strategy", "lora"]) == 2
@@ -162,9 +166,8 @@ def test_resume_refuses_a_different_run(tmp_path, capsys):
     assert _snapshot(out) == before
 
 
-def test_corrupt_checkpoint_is_refused_without_unpickling(tmp_path, capsys):
-    out = tmp_path / "out"
-    main(["run", "--out", str(out), "--experiences", "2", *FAST])
+def test_corrupt_checkpoint_is_refused_without_unpickling(tmp_path, capsys, tiny_run):
+    out = _copy(tiny_run.out, tmp_path)
     (out / "results.json").unlink()
     ckpt = next((out / "checkpoints").glob("exp*"))
     (ckpt / "model.safetensors").write_bytes(b"\x80\x04not a safetensors file")

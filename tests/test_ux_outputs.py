@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _helpers import interrupt_on_second_call
+from _helpers import TINY, interrupt_on_second_call
 
 from cl_hres.cli import main
 
@@ -62,16 +62,15 @@ def _check_tensorboard(run: Path) -> dict[str, list[tuple[int, float]]]:
     return tb
 
 
-def test_tensorboard_and_resume_after_interrupt_without_duplicates(tmp_path, monkeypatch):
+def test_tensorboard_and_resume_after_interrupt_without_duplicates(tmp_path, monkeypatch, tiny_run):
     from cl_hres.plugins import ContinualViTPlugin
 
-    ref, out = tmp_path / "ref", tmp_path / "out"
-    assert main(["run", "--out", str(ref), "--experiences", "3", *FAST]) == 0
-    expected = _check_tensorboard(ref)
+    out = tmp_path / "out"
+    expected = _check_tensorboard(tiny_run.out)
     # Ctrl-C after experience 2's loss was logged, before its checkpoint: the resumed run
     # logs that loss again, and TensorBoard must keep only one point per step.
     original = interrupt_on_second_call(monkeypatch, ContinualViTPlugin, "after_training_exp")
-    assert main(["run", "--out", str(out), "--experiences", "3", *FAST]) == 130
+    assert main(["run", "--out", str(out), *TINY]) == 130
     gc.collect()  # as at process exit: the interrupted run's event file is closed
     monkeypatch.setattr(ContinualViTPlugin, "after_training_exp", original)
     assert main(["run", "--resume", "--out", str(out), "--no-progress"]) == 0
