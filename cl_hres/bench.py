@@ -138,6 +138,23 @@ def _method_model(
     return model.to(device)
 
 
+@dataclasses.dataclass
+class _Bench:
+    """What every measurement of one bench run shares."""
+
+    cfg: Any
+    dev: torch.device
+    x: torch.Tensor
+    y: torch.Tensor
+    amp: Any
+    warmup: int
+    iters: int
+    num_classes: int = 10
+
+    def time(self, fn: Callable[[], Any], warmup: int | None = None, iters: int | None = None):
+        return _time(fn, self.dev, self.warmup if warmup is None else warmup, iters or self.iters)
+
+
 def run_bench(
     config: str = "tiny",
     *,
@@ -152,11 +169,11 @@ def run_bench(
     if batch_size is not None:
         cfg = dataclasses.replace(cfg, batch_size=batch_size)
     dev = torch.device(device)
-    num_classes = 10
     g = torch.Generator().manual_seed(0)
     x = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, generator=g).to(dev)
-    y = torch.randint(0, num_classes, (cfg.batch_size,), generator=g).to(dev)
+    y = torch.randint(0, 10, (cfg.batch_size,), generator=g).to(dev)
     amp = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast)
+    bench = _Bench(cfg, dev, x, y, amp, warmup, iters)
     results: dict[str, Any] = {
         "config": config,
         "shape": cfg.__dict__,
@@ -171,7 +188,22 @@ def run_bench(
         results["device_name"] = (
             f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
         )
+    results["train"] = _train_figures(bench)
+    results["inference"] = _inference_figures(bench)
+    results["data"] = data_figures(
+        img_size=cfg.img_size,
+        batch_size=cfg.batch_size,
+        device=dev,
+        train_images_per_s=results["train"]["hres-nsp"]["images_per_s"],
+        batches=max(4, iters),
+    )
+    results["nsp"] = _nsp_figures(bench)
+    return results
 
+
+def _train_figures(b: _Bench) -> dict[str, dict[str, Any]]:
+    """One training step per method, against the floor (forward + backward to the input)."""
+    cfg, dev, num_classes = b.cfg, b.dev, b.num_classes
     train = {}
     for name in ("linear", "floor", "hres", "hres-nsp", "lora", "vpt-deep-10"):
         model = _method_model(name, cfg, dev, num_classes)
@@ -184,16 +216,16 @@ def run_bench(
                 model.eval()
                 # One image's tokens (fewer than the width) leave every bank a null space;
                 # the whole batch would span it, and a bank without one takes no expert.
-                guard.collect(model.features, [x[:1]])
+                guard.collect(model.features, [b.x[:1]])
                 model.train()
             model.begin_experience([(list(range(num_classes)), [0])])  # a second expert to train
             opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
-        inp = x.clone().requires_grad_(name == "floor")
+        inp = b.x.clone().requires_grad_(name == "floor")
 
         def step(model=model, opt=opt, guard=guard, inp=inp) -> None:
             opt.zero_grad(set_to_none=True)
-            with amp:
-                loss = nn.functional.cross_entropy(model(inp).float(), y)
+            with b.amp:
+                loss = nn.functional.cross_entropy(model(inp).float(), b.y)
             loss.backward()
             if guard is not None:
                 guard.step(opt)
@@ -202,7 +234,7 @@ def run_bench(
 
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        seconds = _time(step, dev, warmup, iters)
+        seconds = b.time(step)
         train[name] = {
             "images_per_s": cfg.batch_size / seconds,
             "step_ms": 1000 * seconds,
@@ -212,70 +244,61 @@ def run_bench(
             else None,
         }
         if guard is not None:
-            train[name]["projection_ms"] = 1000 * _time(
-                lambda guard=guard: (guard.project_grads(), guard.project_weights()),
-                dev,
-                warmup,
-                iters,
+            train[name]["projection_ms"] = 1000 * b.time(
+                lambda guard=guard: (guard.project_grads(), guard.project_weights())
             )
         del model, opt
     floor = train["floor"]["step_ms"]
     for row in train.values():
         row["ratio_to_floor"] = row["step_ms"] / floor
-    results["train"] = train
+    return train
 
+
+def _inference_figures(b: _Bench) -> dict[str, dict[str, Any]]:
+    """Inference with K experts (and K = 10 at half rank) against the frozen backbone."""
+    cfg = b.cfg
     infer = {}
-    frozen = _method_model("linear", cfg, dev, num_classes).eval()
-    with torch.no_grad(), amp:
-        base = _time(lambda: frozen(x), dev, warmup, iters)
+    frozen = _method_model("linear", cfg, b.dev, b.num_classes).eval()
+    with torch.no_grad(), b.amp:
+        base = b.time(lambda: frozen(b.x))
     infer["frozen"] = {"images_per_s": cfg.batch_size / base, "ratio_to_frozen": 1.0}
     for experts, rank in [(k, cfg.rank) for k in EXPERT_COUNTS] + [(10, cfg.rank // 2)]:
-        model = _method_model("hres", dataclasses.replace(cfg, rank=rank), dev, num_classes)
+        model = _method_model("hres", dataclasses.replace(cfg, rank=rank), b.dev, b.num_classes)
         for _ in range(experts - 1):
-            model.begin_experience([(list(range(num_classes)), [0])])
+            model.begin_experience([(list(range(b.num_classes)), [0])])
         for bank in model.banks:  # non-zero experts so nothing is skipped
             for up in bank.up.values():
                 nn.init.normal_(up.weight, std=1e-3)
         model.eval()
-        with torch.no_grad(), amp:
-            t = _time(lambda model=model: model(x), dev, warmup, iters)
+        with torch.no_grad(), b.amp:
+            t = b.time(lambda model=model: model(b.x))
         name = f"hres_{experts}_experts" + ("" if rank == cfg.rank else f"_rank{rank}")
         infer[name] = {"images_per_s": cfg.batch_size / t, "ratio_to_frozen": t / base}
-    results["inference"] = infer
-    results["data"] = data_figures(
-        img_size=cfg.img_size,
-        batch_size=cfg.batch_size,
-        device=dev,
-        train_images_per_s=train["hres-nsp"]["images_per_s"],
-        batches=max(4, iters),
-    )
+    return infer
 
-    model = _method_model("hres", cfg, dev, num_classes).eval()
+
+def _nsp_figures(b: _Bench) -> dict[str, float]:
+    """Covariance accumulation against a plain forward pass; eigendecomposition per block."""
+    model = _method_model("hres", b.cfg, b.dev, b.num_classes).eval()
     guard = NullSpaceGuard(model.banks, NullSpaceConfig())
+    fp32_guard = NullSpaceGuard(model.banks, NullSpaceConfig(precision="float32"))
     with torch.no_grad():
-        plain = _time(lambda: model.features(x), dev, warmup, iters)
+        plain = b.time(lambda: model.features(b.x))
 
-        def accumulate() -> None:
-            with guard.recording():
-                model.features(x)
+        def accumulate(g: NullSpaceGuard) -> None:
+            with g.recording():
+                model.features(b.x)
 
-        acc = _time(accumulate, dev, warmup, iters)
-        fp32_guard = NullSpaceGuard(model.banks, NullSpaceConfig(precision="float32"))
-
-        def accumulate32() -> None:
-            with fp32_guard.recording():
-                model.features(x)
-
-        acc32 = _time(accumulate32, dev, warmup, iters)
-        eig = _time(guard.refresh, dev, 1, max(1, iters // 2)) / len(model.banks)
-    results["nsp"] = {
+        acc = b.time(lambda: accumulate(guard))
+        acc32 = b.time(lambda: accumulate(fp32_guard))
+        eig = b.time(guard.refresh, 1, max(1, b.iters // 2)) / len(model.banks)
+    return {
         "eval_forward_ms": 1000 * plain,
         "accumulate_forward_ms": 1000 * acc,
         "accumulate_ratio": acc / plain,
         "accumulate_fp32_ratio": acc32 / plain,
         "eigendecomposition_ms_per_block": 1000 * eig,
     }
-    return results
 
 
 def markdown(results: dict[str, Any]) -> str:
