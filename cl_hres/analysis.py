@@ -24,7 +24,12 @@ import torch
 from timm.models.vision_transformer import Attention
 from torch import nn
 
-from cl_hres.checkpoint import latest_checkpoint, load_checkpoint, rebuild_structure
+from cl_hres.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_state,
+    rebuild_structure,
+)
 from cl_hres.errors import CheckpointError
 from cl_hres.fileio import atomic_write_text
 from cl_hres.model import ContinualViT
@@ -121,7 +126,7 @@ def load_trained_model(run_dir: Path) -> tuple[ContinualViT, Any, dict[str, Any]
         num_classes=prep.data.num_classes,
     )
     rebuild_structure(model, state["structure"])
-    model.load_state_dict(tensors)
+    load_model_state(model, tensors)
     model.eval()
     prep.backbone = frozen
     return model, prep, results

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from cl_hres.errors import CheckpointError
 from cl_hres.fileio import atomic_write_text  # re-exported: it lived here before fileio
 from cl_hres.model import ContinualViT
+from cl_hres.run_config import RESUMABLE_KEYS
 
 __all__ = [
     "atomic_write_text",
@@ -73,7 +74,17 @@ def model_structure(model: ContinualViT) -> dict[str, Any]:
         "stats_heads": {k: h.num_classes for k, h in model.stats_heads.items()},
         "task_classes": {str(k): v for k, v in model.task_classes.items()},
         "experiences_seen": model.experiences_seen,
+        "num_features": model.num_features,
     }
+
+
+def load_model_state(model: ContinualViT, tensors: dict[str, torch.Tensor]) -> None:
+    """``model.load_state_dict`` with a one-line error when the layouts disagree."""
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"checkpoint does not fit this run's model: {first}") from None
 
 
 def rebuild_structure(model: ContinualViT, meta: dict[str, Any]) -> None:
@@ -82,6 +93,14 @@ def rebuild_structure(model: ContinualViT, meta: dict[str, Any]) -> None:
 
     if len(meta["experts"]) != len(model.banks):
         raise CheckpointError("checkpoint has a different number of adapted layers")
+    # Before the key existed, heads read the adapted features only.
+    saved = meta.get("num_features", model.backbone.num_features)
+    if saved != model.num_features:
+        raise CheckpointError(
+            f"checkpoint's head reads {saved} features, this run's {model.num_features}: "
+            "it was written with another --concat-pretrained setting (older runs: "
+            "--no-concat-pretrained)"
+        )
     for bank, count in zip(model.banks, meta["experts"]):
         if meta.get("null_space"):
             attach_null_space(bank)
@@ -170,5 +189,13 @@ def load_checkpoint(path: Path, config: dict[str, Any]) -> tuple[dict[str, Any],
         if saved.get(key) != config.get(key):
             raise CheckpointError(
                 f"{path}: checkpoint is for {key}={saved.get(key)!r}, this run has {config.get(key)!r}"
+            )
+    # Every other option the checkpoint knows must agree too (``run`` and ``compare``
+    # alike), or the resumed experiences would learn with other settings than the first.
+    for key, value in saved.items():
+        if key in config and key not in RESUMABLE_KEYS and config[key] != value:
+            raise CheckpointError(
+                f"{path}: checkpoint was written with {key}={value!r}, this run has "
+                f"{config[key]!r} (only {', '.join(RESUMABLE_KEYS)} may change on --resume)"
             )
     return state, model_tensors, extra

@@ -119,12 +119,8 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Options a resumed run may change: where it runs and reads, not what it learns.
-_RESUMABLE_CHANGES = ("device", "data_root", "num_workers")
-
-
 def _config_from_args(args: argparse.Namespace) -> Any:
-    from cl_hres.run_config import RunConfig, load_yaml_config
+    from cl_hres.run_config import RESUMABLE_KEYS, RunConfig, load_yaml_config
 
     values: dict[str, Any] = load_yaml_config(args.config) if args.config else {}
     given = {dest: getattr(args, dest, None) for dest in _RUN_FIELDS}
@@ -134,11 +130,11 @@ def _config_from_args(args: argparse.Namespace) -> Any:
 
         saved = json.loads((args.out / "config.json").read_text())
         for key, value in values.items():
-            if key in saved and saved[key] != value and key not in _RESUMABLE_CHANGES:
+            if key in saved and saved[key] != value and key not in RESUMABLE_KEYS:
                 raise ConfigError(
                     f"--resume: {key}={value!r} differs from the run in {args.out} ({saved[key]!r})"
                 )
-        saved.update({k: v for k, v in values.items() if k in _RESUMABLE_CHANGES})
+        saved.update({k: v for k, v in values.items() if k in RESUMABLE_KEYS})
         values = saved
     return RunConfig.from_dict(values, source=str(args.config) if args.config else "options")
 

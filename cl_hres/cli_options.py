@@ -128,6 +128,7 @@ _GROUPS: list[tuple[str, str, list[tuple[str, str, Any]]]] = [
             ("--rank", "rank", int),
             ("--scale", "scale", float),
             ("--blocks", "blocks", str),
+            ("--hres-input", "hres_input", str),
             ("--lora-rank", "lora_rank", int),
             ("--lora-alpha", "lora_alpha", float),
             ("--lora-targets", "lora_targets", str),

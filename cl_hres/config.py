@@ -60,8 +60,17 @@ class HResConfig:
         default=None,
         metadata={"help": "Indices of the blocks to adapt (negative allowed); None: all."},
     )
+    input: str = field(
+        default="block",
+        metadata={
+            "help": "What the experts read: block (the residual stream, the paper's) or "
+            "norm (it through the block's frozen first LayerNorm)."
+        },
+    )
 
     def __post_init__(self) -> None:
+        if self.input not in ("block", "norm"):
+            raise ConfigError(f"hres input must be block or norm, got {self.input!r}")
         _check_positive_int("hres rank", self.rank)
         _check_finite_positive("hres scale", self.scale)
         self.blocks = _check_blocks(self.blocks)

@@ -178,17 +178,21 @@ def _add_delta(base_out: torch.Tensor, delta: torch.Tensor | None) -> torch.Tens
 class ParallelBlock(nn.Module):
     """``base_layer(z) + bank(z)``: an expert bank in parallel to a transformer block.
 
-    The bank reads the block's input (the residual stream) and never adds tokens, so the
+    The bank reads the block's input (the residual stream), or with ``read_norm`` that
+    input through the block's own frozen ``norm1`` (what its attention reads; called, not
+    registered again, so the state dict holds it once). It never adds tokens, so the
     block's attention is that of the frozen block for the same input.
     """
 
-    def __init__(self, base_layer: nn.Module, bank: ExpertBank) -> None:
+    def __init__(self, base_layer: nn.Module, bank: ExpertBank, read_norm: bool = False) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.bank = bank
+        self.read_norm = read_norm
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return _add_delta(self.base_layer(x, *args, **kwargs), self.bank(x))
+        read = self.base_layer.norm1(x) if self.read_norm else x
+        return _add_delta(self.base_layer(x, *args, **kwargs), self.bank(read))
 
 
 class LoRALinear(nn.Module):

@@ -33,6 +33,8 @@ _NOT_IN_KEY = (
     "nsp_rule",
     "nsp_threshold",
     "nsp_eta",
+    "nsp_separate_prefix",
+    "nsp_precision",
     "device",
     "data_root",
     "eval_batch_size",

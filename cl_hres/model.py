@@ -21,7 +21,7 @@ from cl_hres.config import HEAD_CHOICES
 from cl_hres.errors import ConfigError
 from cl_hres.experts import ExpertBank
 from cl_hres.heads import NCMHead, RidgeHead, StatisticsHead
-from cl_hres.vit_adapters import PromptedBlock, check_vit
+from cl_hres.vit_adapters import check_vit
 
 __all__ = ["ContinualViT"]
 
@@ -304,8 +304,10 @@ class ContinualViT(nn.Module):
     @contextmanager
     def experts_disabled(self) -> Iterator[None]:
         """Within the block, the backbone computes its pretrained features (experts off)."""
+        # Every module with an ``enabled`` switch (ExpertBank, PromptedBlock, or a
+        # registered method's own module): the protocol a switchable method implements.
         switches = [
-            m for m in self.backbone.modules() if isinstance(m, (ExpertBank, PromptedBlock))
+            m for m in self.backbone.modules() if isinstance(getattr(m, "enabled", None), bool)
         ]
         states = [m.enabled for m in switches]
         for m in switches:

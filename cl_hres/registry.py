@@ -102,7 +102,14 @@ class StrategySpec:
 
     @property
     def reference_strategy(self) -> str:
-        return self.reference or self.name
+        """The registered strategy whose one-experience run is this one's FWT reference."""
+        name = self.reference or self.name
+        # Checked on use: a reference may be registered after the strategy naming it.
+        if name not in STRATEGIES or STRATEGIES[name].method_name != self.method_name:
+            raise ValueError(
+                f"strategy {self.name!r}: reference {name!r} is not a {self.method_name} strategy"
+            )
+        return name
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -125,6 +132,10 @@ def register_strategy(spec: StrategySpec) -> StrategySpec:
         register_method(spec.method)
     elif spec.method not in METHODS:
         raise ValueError(f"strategy {spec.name!r} uses unknown method {spec.method!r}")
+    if spec.trains_whole_stream and spec.strategy_class is None:
+        raise ValueError(
+            f"strategy {spec.name!r} trains the whole stream: give it a JointTraining class"
+        )
     if spec.concat_pretrained and not spec.method_spec.switchable:
         raise ValueError(f"strategy {spec.name!r}: method {spec.method_name} is not switchable")
     STRATEGIES[spec.name] = spec
@@ -222,6 +233,7 @@ for _spec in (
         "first-session adaptation (APER/RanPAC): expert trained on experience 0, then frozen",
         strategy_class=f"{_S}:FirstSessionAdaptation",
         expert_per_experience=False,
+        reference="hres",  # one experience alone is learned exactly as hres learns it
         concat_pretrained=True,  # APER's own; 95.0 vs 91.8% (results/sweeps/concat-first-session)
         adapt_experiences=1,
     ),

@@ -15,7 +15,10 @@ from cl_hres.errors import ConfigError
 from cl_hres.loaders import parse_num_workers
 from cl_hres.transforms import AUGMENT_CHOICES
 
-__all__ = ["DEFAULT_BACKBONE", "RunConfig", "load_yaml_config"]
+__all__ = ["DEFAULT_BACKBONE", "RESUMABLE_KEYS", "RunConfig", "load_yaml_config"]
+
+# Options a resumed run may change: where it runs and reads, not what it learns.
+RESUMABLE_KEYS = ("device", "data_root", "num_workers")
 
 
 # The embedded default's backbone: cl-hres's own ViT pretrained on Fashion-MNIST, shipped
@@ -110,6 +113,7 @@ class RunConfig:
     rank: int = _mirror(HResConfig, "rank")
     scale: float = _mirror(HResConfig, "scale")
     blocks: str | None = _mirror(HResConfig, "blocks")
+    hres_input: str = _mirror(HResConfig, "input")
     nsp_rule: str = _mirror(NullSpaceConfig, "rule")
     nsp_threshold: float = _mirror(NullSpaceConfig, "threshold")
     nsp_eta: float = _mirror(NullSpaceConfig, "eta")

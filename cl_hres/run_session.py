@@ -30,7 +30,13 @@ import numpy as np
 import torch
 
 from cl_hres import distributed
-from cl_hres.checkpoint import latest_checkpoint, prefixed, rebuild_structure, restore_rng
+from cl_hres.checkpoint import (
+    latest_checkpoint,
+    load_model_state,
+    prefixed,
+    rebuild_structure,
+    restore_rng,
+)
 from cl_hres.errors import CheckpointError
 from cl_hres.fileio import atomic_write_text
 from cl_hres.metrics import accuracy_row_from_results, mask_untrained
@@ -305,7 +311,7 @@ def restore(session: Session, loaded: tuple[dict, dict, dict] | None) -> None:
         return
     saved, model_tensors, extra = loaded
     rebuild_structure(model, saved["structure"])
-    model.load_state_dict(model_tensors)
+    load_model_state(model, model_tensors)
     model.to(cfg.device)
     for key, plugin in checkpointable_plugins(strategy).items():
         if key not in saved["histories"]:

@@ -61,6 +61,9 @@ def prepare(config: RunConfig) -> Prepared:
     from cl_hres.transforms import build_transforms, resolve_data_config
 
     config.validate()
+    # Recorded explicitly: "unset" would mean another thing to a later version whose
+    # strategy default differs (a resumed or analysed run must rebuild the same head).
+    config.concat_pretrained = config.head_reads_pretrained()
     config.check_device()
     spec = BENCHMARKS.get(config.benchmark)
     data = load_benchmark_data(

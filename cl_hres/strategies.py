@@ -167,8 +167,20 @@ class _ViTStrategy(SupervisedTemplate):
             **kwargs: Passed on to the Avalanche template.
         """
         if isinstance(model, ContinualViT):
-            if model.method != self.method:
-                raise ConfigError(f"{self.name} needs a {self.method} model, got {model.method}")
+            # A ready model keeps its own head features unless the caller asks otherwise.
+            wanted = {
+                "method": self.method,
+                "expert_per_experience": self.expert_per_experience,
+                "adapt_experiences": self.adapt_experiences,
+            }
+            if concat_pretrained is not None:
+                wanted["concat_pretrained"] = concat_pretrained
+            for key, value in wanted.items():
+                if getattr(model, key) != value:
+                    raise ConfigError(
+                        f"{self.name} needs a model with {key}={value}, got {getattr(model, key)}"
+                        f" (build it with {type(self).__name__}.build_model)"
+                    )
         else:
             model = self.build_model(
                 model,

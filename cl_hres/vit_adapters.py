@@ -81,7 +81,10 @@ def add_hres_experts(vit: nn.Module, config: HResConfig) -> list[ExpertBank]:
             device=ref.device,
             dtype=ref.dtype,
         )
-        vit.blocks[i] = ParallelBlock(vit.blocks[i], bank)
+        read_norm = config.input == "norm"
+        if read_norm and not isinstance(getattr(vit.blocks[i], "norm1", None), nn.Module):
+            raise ConfigError(f"hres input norm needs blocks with a norm1; block {i} has none")
+        vit.blocks[i] = ParallelBlock(vit.blocks[i], bank, read_norm=read_norm)
         banks.append(bank)
     return banks
 

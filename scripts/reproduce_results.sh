@@ -31,6 +31,11 @@ if [ -z "${SKIP_SWEEPS:-}" ]; then
   $S --out results/sweeps/nsp-threshold-concat \
      --base "{\"strategy\": \"hres-nsp\", \"concat_pretrained\": true, $NOREF}" \
      --grid '{"scenario": ["class", "task"], "nsp_threshold": [1e-3, 3e-4, 3e-5, 1e-5]}' --plot-x nsp_threshold
+  for sc in class task; do  # what the experts read: the residual stream or its LayerNorm
+    $S --out results/sweeps/hres-input-$sc \
+       --base "{\"strategy\": \"hres-nsp\", \"hres_input\": \"norm\", \"scenario\": \"$sc\", $NOREF}" \
+       --grid '{"nsp_threshold": [1e-4, 1e-5, 1e-6]}' --plot-x nsp_threshold
+  done
   $S --out results/sweeps/nsp-threshold \
      --base "{\"strategy\": \"hres-nsp\", \"nsp_rule\": \"relative\", $OLD}" \
      --grid '{"scenario": ["class", "task"], "nsp_threshold": [1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 1e-6]}' --plot-x nsp_threshold

@@ -96,3 +96,18 @@ def test_new_experts_take_the_wrapped_layers_dtype(method):
     model.to(torch.float32)
     model.begin_experience([([0, 1], [0])])
     assert {b.down["expert1"].weight.dtype for b in model.banks} == {torch.float32}
+
+
+@pytest.mark.parametrize("read", ["block", "norm"])
+def test_experts_read_the_block_input_or_its_norm(read):
+    model = ContinualViT(make_vit(), method="hres", method_config=HResConfig(input=read))
+    model.begin_experience([([0, 1], [0])])
+    block = model.backbone.blocks[0]
+    seen = {}
+    block.bank.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    block.base_layer.register_forward_pre_hook(lambda m, args: seen.setdefault("z", args[0]))
+    model.eval()(torch.randn(2, 1, 8, 8))
+    expected = seen["z"] if read == "block" else block.base_layer.norm1(seen["z"])
+    assert torch.equal(seen["x"], expected)
+    with pytest.raises(ConfigError, match="hres input"):
+        HResConfig(input="mlp")

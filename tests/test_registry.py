@@ -78,3 +78,29 @@ def test_registering_twice_or_an_unknown_method_fails():
     with pytest.raises(ValueError, match="unknown method"):
         registry.register_strategy(registry.StrategySpec("x", "x", method="nope"))
     assert "x" not in registry.STRATEGIES
+
+
+def test_registry_refuses_what_it_cannot_honour():
+    with pytest.raises(ValueError, match="JointTraining"):
+        registry.register_strategy(
+            registry.StrategySpec("toy-joint", "x", trains_whole_stream=True)
+        )
+    spec = registry.register_strategy(registry.StrategySpec("toy-ref", "x", reference="lora"))
+    try:
+        with pytest.raises(ValueError, match="reference"):
+            _ = spec.reference_strategy
+    finally:
+        registry.STRATEGIES.pop("toy-ref")
+
+
+def test_a_ready_model_must_match_the_strategy():
+    from _helpers import make_vit
+
+    from cl_hres.errors import ConfigError
+    from cl_hres.model import ContinualViT
+    from cl_hres.strategies import FirstSessionAdaptation
+
+    with pytest.raises(ConfigError, match="expert_per_experience"):
+        FirstSessionAdaptation(model=ContinualViT(make_vit(), method="hres"))
+    ready = FirstSessionAdaptation.build_model(make_vit())
+    assert FirstSessionAdaptation(model=ready).model is ready

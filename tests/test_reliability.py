@@ -343,3 +343,41 @@ def test_malformed_npz_gives_exit_2_one_line_and_untouched_out(
     assert code == 2, (how, key, err)
     assert len(err) == 1 and err[0].startswith("cl-hres: error:"), err
     assert _snapshot(out) == before
+
+
+def test_compare_resume_refuses_other_learning_settings(tmp_path, monkeypatch, capsys):
+    from cl_hres.plugins import ContinualViTPlugin
+
+    out = tmp_path / "cmp"
+    argv = ["compare", "--strategies", "hres", "--out", str(out), *TINY]
+    original = interrupt_on_second_call(
+        monkeypatch, ContinualViTPlugin, "after_train_dataset_adaptation"
+    )
+    assert main(argv) == 130
+    monkeypatch.setattr(ContinualViTPlugin, "after_train_dataset_adaptation", original)
+    capsys.readouterr()
+    # The first experience read the residual stream: the rest may not read something else.
+    assert main([*argv, "--resume", "--hres-input", "norm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "hres_input='block'" in err[0], err
+
+
+def test_checkpoint_with_another_head_width_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert (
+        main(["run", "--strategy", "hres", "--no-concat-pretrained", "--out", str(out), *TINY]) == 0
+    )
+    capsys.readouterr()
+    from cl_hres.checkpoint import latest_checkpoint
+
+    state_file = latest_checkpoint(out / "checkpoints") / "state.json"
+    state = json.loads(state_file.read_text())
+    state["config"].pop("concat_pretrained")  # as a run written before the option existed
+    state_file.write_text(json.dumps(state))
+    for name in ("config.json", "results.json"):
+        saved = json.loads((out / name).read_text())
+        (saved.get("config") or saved).pop("concat_pretrained")
+        (out / name).write_text(json.dumps(saved))
+    assert main(["analyze", "--run", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--concat-pretrained" in err[0], err
