@@ -58,7 +58,10 @@ class HResConfig:
     scale: float = field(default=1.0, metadata={"help": "λ multiplying the experts' sum."})
     blocks: tuple[int, ...] | None = field(
         default=None,
-        metadata={"help": "Indices of the blocks to adapt (negative allowed); None: all."},
+        metadata={
+            "help": "Indices of the blocks to adapt; None: all. Negative ones count from "
+            "the end (on the command line: --blocks=-1,-2)."
+        },
     )
     input: str = field(
         default="block",
