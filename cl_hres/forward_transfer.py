@@ -55,13 +55,12 @@ def method_family(strategy: str) -> str:
 
 
 def reference_key(config: dict[str, Any], weights_id: str, classes: Sequence[int]) -> str:
-    """A stable key of the reference for one experience."""
-    from cl_hres import registry
+    """A stable key of the reference for one experience.
 
+    ``config`` is a prepared run's (``runner.prepare`` resolves ``concat_pretrained``).
+    """
     fields = {k: v for k, v in config.items() if k not in _NOT_IN_KEY}
     fields["method"] = method_family(config["strategy"])
-    if fields.get("concat_pretrained") is None:  # unset: the strategy's default decides
-        fields["concat_pretrained"] = registry.STRATEGIES[config["strategy"]].concat_pretrained
     fields["weights"] = weights_id
     fields["classes"] = sorted(int(c) for c in classes)
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()

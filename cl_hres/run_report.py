@@ -155,14 +155,10 @@ def forward_transfer_against_references(session: Session, cache_dir: Path) -> di
 
     prep, stream = session.prep, session.stream
     cfg = prep.config
+    # prepare() recorded the stream's concat_pretrained explicitly, so the reference reads
+    # the same features as the stream whatever its own strategy's default.
     ref_cfg = RunConfig.from_dict(
-        dict(
-            cfg.to_dict(),
-            strategy=method_family(cfg.strategy),
-            fwt_reference=False,
-            # The reference reads the same features as the stream, whatever its default.
-            concat_pretrained=cfg.head_reads_pretrained(),
-        )
+        dict(cfg.to_dict(), strategy=method_family(cfg.strategy), fwt_reference=False)
     )
 
     def train_alone(j: int) -> torch.nn.Module:
