@@ -210,11 +210,18 @@ def analysis_markdown(report: dict[str, Any]) -> str:
     if report["null_space"]:
         lines += ["", "## Null space and measured interference per experience", ""]
         lines.append(
-            "| after exp | null-space dim per block (of input dim) | max interference on old exps |"
+            "| after exp | null-space dim per block (of input dim) "
+            "| share of the new / old inputs' energy free to learn from, per block "
+            "| max interference on old exps |"
         )
-        lines.append("|---|---|---|")
+        lines.append("|---|---|---|---|")
         for h in report["null_space"]:
             worst = max(h["interference"].values(), default=0.0)
             dims = ", ".join(f"{d}/{i}" for d, i in zip(h["null_space_dims"], h["input_dims"]))
-            lines.append(f"| {h['experience'] + 1} | {dims} | {worst:.2e} |")
+            new, old = h.get("free_energy") or [], h.get("old_free_energy") or []
+            free = (
+                ", ".join("–" if n is None else f"{n:.1e} / {o:.1e}" for n, o in zip(new, old))
+                or "–"
+            )
+            lines.append(f"| {h['experience'] + 1} | {dims} | {free} | {worst:.2e} |")
     return "\n".join(lines) + "\n"

@@ -136,7 +136,7 @@ class NullSpaceConfig:
     """
 
     rule: str = field(default="relative", metadata={"help": "energy | ratio | relative"})
-    threshold: float = field(default=1e-4, metadata={"help": "Parameter of the rule."})
+    threshold: float = field(default=1e-6, metadata={"help": "Parameter of the rule."})
     eta: float = field(default=1.0, metadata={"help": "Relaxation in (0, 1]; 1 is exact."})
     separate_prefix: bool = field(
         default=True,

@@ -176,6 +176,8 @@ def plugin_scalars(
 
     ``nsp/null_space_dims/blockNN``: null-space dimension of each adapted block;
     ``nsp/null_space_fraction``: its mean fraction of the input dimension;
+    ``nsp/free_energy/blockNN``: share of the experience's input energy that each block's
+    projector let through (from the second experience on);
     ``nsp/interference_max``: the largest relative change of an earlier experience's
     features; ``drift/class_spreads_expNNN`` and ``drift/class_spreads_max``: how far each
     earlier experience's features moved, in spreads of the class means.
@@ -187,6 +189,9 @@ def plugin_scalars(
             out[f"nsp/null_space_dims/block{b:02d}"] = float(d)
         if dims:
             out["nsp/null_space_fraction"] = float(np.mean([d / n for d, n in zip(dims, inputs)]))
+        for b, share in enumerate(null_space.get("free_energy") or []):
+            if share is not None:
+                out[f"nsp/free_energy/block{b:02d}"] = float(share)
         if null_space.get("interference"):
             out["nsp/interference_max"] = float(max(null_space["interference"].values()))
     if drift and drift.get("drift"):

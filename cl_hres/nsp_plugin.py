@@ -33,8 +33,11 @@ class NullSpaceProjectionPlugin(
     strategy has one, else by a pass of this plugin's own. After each experience it
     records diagnostics in :attr:`history`: the null-space dimension and the number of
     experts per bank (a bank whose null space is empty takes no new expert, so it costs
-    no more at inference), and the relative change of the features of the probe set of
-    every earlier experience (measured interference).
+    no more at inference), the share of the experience's input energy that the projector
+    let its experts learn from (``free_energy``, per bank; None for the first) and the
+    same share of the older experiences' inputs (``old_free_energy``), and the relative
+    change of the features of the probe set of every earlier experience
+    (measured interference).
 
     Args:
         config: Threshold rule, its parameter, relaxation and precision.
@@ -137,6 +140,10 @@ class NullSpaceProjectionPlugin(
                 "input_dims": [b.in_features for b in guard.banks],
                 # Inference cost: each bank evaluates experts × rank bottleneck units.
                 "experts": [b.num_experts for b in guard.banks],
+                # Shares of this experience's input energy, and of the older experiences',
+                # in the directions its experts were free to learn in.
+                "free_energy": [None if f is None else f[0] for f in guard.free_energy],
+                "old_free_energy": [None if f is None else f[1] for f in guard.free_energy],
                 "interference": {j: d["relative"] for j, d in drift.items()},
             }
         )

@@ -128,6 +128,10 @@ class NullSpaceGuard:
             state.covariance.precision = config.precision
             state.covariance.separate_prefix = config.separate_prefix
         self._before: dict[int, torch.Tensor] | None = None
+        # Per bank, after each collecting pass: the shares of that pass's input energy and
+        # of the older inputs' energy that the projector lets through (None where no
+        # projector constrained the experience).
+        self.free_energy: list[tuple[float, float] | None] = [None] * len(self.states)
 
     @property
     def accumulators(self) -> list[CovarianceAccumulator]:
@@ -188,6 +192,9 @@ class NullSpaceGuard:
         process nothing is copied or reduced at all).
         """
         multi = distributed.is_distributed()
+        # Every rank holds the old totals here (ranks other than 0 zero theirs just
+        # below): two numbers per token group give the pass's own share afterwards.
+        before = [_group_traces(s) for s in self.states]
         if multi and distributed.rank() != 0:
             for state in self.states:
                 state.covariance.zero_()
@@ -197,6 +204,8 @@ class NullSpaceGuard:
             for state in self.states:
                 distributed.all_reduce_(state.covariance.sums)
                 distributed.all_reduce_(state.covariance.counts)
+        # Measured with the projectors the pass's experience was trained under.
+        self.free_energy = [_free_share(s, old) for s, old in zip(self.states, before)]
         self.refresh()
 
     def refresh(self) -> None:
@@ -220,7 +229,8 @@ class NullSpaceGuard:
                 f"null-space projection (rule {cfg.rule}, threshold {cfg.threshold:g}) left no "
                 f"free direction in {len(newly_closed)} of {len(self.states)} expert banks "
                 f"(indices {', '.join(map(str, newly_closed))}): they take no new experts "
-                "and stop adapting; a larger threshold or eta < 1 keeps some plasticity",
+                "and stop adapting; a larger threshold or eta < 1 buys plasticity with drift "
+                "of old features (see free_energy in results.json)",
                 PlasticityWarning,
                 stacklevel=2,
             )
@@ -295,6 +305,41 @@ class NullSpaceGuard:
             s.load_state_dict(
                 {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             )
+
+
+def _group_traces(state: NullSpaceState) -> torch.Tensor:
+    """Per token group, ``tr(S_g)`` and ``tr(P·S_g)`` of the summed second moments S_g."""
+    sums = state.covariance.sums
+    proj = state.projector.to(sums.dtype)
+    # tr(P·S) = Σ_ij P_ij S_ij for symmetric P, S; no copy of the statistics is made.
+    return torch.stack([torch.stack([g.diagonal().sum(), torch.tensordot(proj, g)]) for g in sums])
+
+
+@torch.no_grad()
+def _free_share(state: NullSpaceState, before: torch.Tensor) -> tuple[float, float] | None:
+    """Shares of the new and of the old inputs' energy that the projector lets through.
+
+    ``tr(P·Σ)/tr(Σ)`` for ``Σ_new``, the pass's own second moment (sums after it minus
+    ``before``, from :func:`_group_traces`), and for ``Σ_old``, the sums before it; token
+    groups normalised by their trace and weighted equally, as for the projector. At η = 1
+    the first is the share of the new experience's input energy in the old inputs' null
+    space: what its expert could learn from without moving old features. The ratio of the
+    two says how selective those directions are: near 1, whatever the expert does to new
+    inputs through them it does about as strongly to old ones. Clipped to [0, 1] (the
+    difference of sums rounds to ±1e-9 where P removes everything).
+    """
+    if not state.ready:
+        return None
+    after = _group_traces(state)
+    shares = []
+    for traces in (after - before, before):
+        if not state.covariance.separate_prefix:
+            traces = traces.sum(0, keepdim=True)
+        groups = traces[traces[:, 0] > 0]
+        if len(groups) == 0:
+            return None
+        shares.append(float((groups[:, 1] / groups[:, 0]).mean().clamp(0, 1)))
+    return shares[0], shares[1]
 
 
 def _make_hook(acc: CovarianceAccumulator):

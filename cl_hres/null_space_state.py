@@ -100,9 +100,15 @@ class CovarianceAccumulator(_KeepsDtypes):
             self.sums[g] += (flat.T @ flat).double()
             self.counts[g] += flat.shape[0]
 
-    def matrix(self) -> torch.Tensor:
-        """Sum over groups of each group's second moment divided by its trace (float64)."""
-        sums = self.sums if self.separate_prefix else self.sums.sum(0, keepdim=True)
+    def matrix(self, sums: torch.Tensor | None = None) -> torch.Tensor:
+        """Sum over groups of each group's second moment divided by its trace (float64).
+
+        Args:
+            sums: Per-group sums shaped like :attr:`sums` (e.g. one experience's share of
+                them) to normalise the same way; default: the accumulated sums.
+        """
+        sums = self.sums if sums is None else sums
+        sums = sums if self.separate_prefix else sums.sum(0, keepdim=True)
         total = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.sums.device)
         for s in sums:
             # A group without tokens is all zero and adds exactly zero.

@@ -173,7 +173,7 @@ for _spec in (
         uses_nsp=True,
         reference="hres",
         # [pretrained, adapted] head features: 95.2 vs 93.5% class-IL on validation
-        # (results/sweeps/concat); the same sweep chose the 1e-4 threshold.
+        # (results/sweeps/concat).
         concat_pretrained=True,
     ),
     StrategySpec(

@@ -21,7 +21,7 @@ if [ -z "${SKIP_SWEEPS:-}" ]; then
   # Head features [pretrained, adapted] vs adapted only, for the NSP strategies and APER.
   $S --out results/sweeps/concat --base "{\"strategy\": \"hres-nsp\", $NOREF}" \
      --grid '{"scenario": ["class", "task"], "concat_pretrained": [true, false], "nsp_threshold": [1e-4, 1e-6]}'
-  $S --out results/sweeps/concat-first-session --base "{$NOREF}" \
+  $S --out results/sweeps/concat-first-session --base "{$NOREF, \"nsp_threshold\": 1e-4}" \
      --grid '{"scenario": ["class", "task"], "strategy": ["aper", "lora-nsp"], "concat_pretrained": [true, false]}'
   $S --out results/sweeps/concat-others --base "{$NOREF}" \
      --grid '{"strategy": ["joint", "hres", "lora"], "concat_pretrained": [true]}'
@@ -35,6 +35,15 @@ if [ -z "${SKIP_SWEEPS:-}" ]; then
     $S --out results/sweeps/hres-input-$sc \
        --base "{\"strategy\": \"hres-nsp\", \"hres_input\": \"norm\", \"scenario\": \"$sc\", $NOREF}" \
        --grid '{"nsp_threshold": [1e-4, 1e-5, 1e-6]}' --plot-x nsp_threshold
+  done
+  # The shipped threshold: 8 seeds (8 validation folds), one-standard-error rule.
+  for sc in class task; do
+    python scripts/sweep.py --seeds 0,1,2,3,4,5,6,7 --out results/sweeps/nsp-threshold-1se-$sc \
+      --base "{\"strategy\": \"hres-nsp\", \"scenario\": \"$sc\", $NOREF}" \
+      --grid '{"nsp_threshold": [1e-4, 3e-5, 1e-5, 1e-6]}' --select nsp_threshold:min --plot-x nsp_threshold
+    python scripts/sweep.py --seeds 0,1,2,3,4,5,6,7 --out results/sweeps/nsp-threshold-1se-lora-$sc \
+      --base "{\"strategy\": \"lora-nsp\", \"scenario\": \"$sc\", $NOREF}" \
+      --grid '{"nsp_threshold": [1e-4, 1e-5, 1e-6]}' --select nsp_threshold:min --plot-x nsp_threshold
   done
   $S --out results/sweeps/nsp-threshold \
      --base "{\"strategy\": \"hres-nsp\", \"nsp_rule\": \"relative\", $OLD}" \
@@ -55,7 +64,7 @@ if [ -z "${SKIP_SWEEPS:-}" ]; then
   done
   $S --out results/sweeps/hres-drift-compensation --base "{\"strategy\": \"hres\", $OLD}" \
      --grid '{"drift_compensation": [true, false]}'
-  $S --out results/sweeps/augment --base "{$OLD}" \
+  $S --out results/sweeps/augment --base "{$OLD, \"nsp_threshold\": 1e-4}" \
      --grid '{"strategy": ["hres-nsp", "linear"], "augment": ["none", "crop"]}'
 ) > results/sweeps-b.log 2>&1 &
 wait
@@ -81,3 +90,10 @@ cl-hres compare --strategies hres-nsp,lora-nsp,aper,joint --no-concat-pretrained
 # 3. Claims of the paper on the pretrained backbone, against a VPT run of the same stream.
 cl-hres analyze --run results/split-digits-class/hres-nsp/seed0 --other-run results/split-digits-class/vpt/seed0
 cp results/split-digits-class/hres-nsp/seed0/analysis.md results/analysis-split-digits.md
+
+# 4. How selective the directions an NSP expert may learn in can be (validation data).
+python scripts/nsp_selectivity.py --out results/nsp-selectivity --seed 0 > /dev/null
+# The previous default (1e-4), for the free-energy shares quoted in the README.
+cl-hres run --nsp-threshold 1e-4 --no-fwt-reference --out results/threshold-1e-4/runs/seed0 --overwrite --no-progress > /dev/null 2>&1
+cl-hres analyze --run results/threshold-1e-4/runs/seed0 > /dev/null
+cp results/threshold-1e-4/runs/seed0/analysis.md results/analysis-threshold-1e-4.md

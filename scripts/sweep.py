@@ -33,9 +33,17 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--plot-x", help="option on the x axis of the stability-plasticity plot")
     p.add_argument("--replot", action="store_true", help="redraw --out's plot from sweep.json")
+    p.add_argument(
+        "--select",
+        metavar="OPTION:min|max",
+        help="one-standard-error rule: per setting of the other options, pick the row with "
+        "the smallest (min) or largest (max) OPTION among those whose accuracy is within "
+        "one standard error (paired over seeds) of the best row",
+    )
     args = p.parse_args()
     if args.replot:
         saved = json.loads((args.out / "sweep.json").read_text())
+        write_report(args.out, saved, saved.get("select"))
         x = args.plot_x or next(iter(saved["grid"]))
         plot_sweep(
             saved["rows"],
@@ -50,6 +58,7 @@ def main() -> int:
     if not 0 < args.validation < 1:
         p.error("--validation must be in (0, 1): sweeps never look at the test split")
     grid, base = json.loads(args.grid), json.loads(args.base)
+    select = _parse_select(args.select, grid, p)
     seeds = [int(s) for s in args.seeds.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -100,49 +109,110 @@ def main() -> int:
             ),
             flush=True,
         )
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    (args.out / "sweep.json").write_text(
-        json.dumps(
-            {
-                "command": command,
-                "grid": grid,
-                "base": base,
-                "seeds": seeds,
-                "validation": args.validation,
-                "rows": rows,
-            },
-            indent=1,
-        )
-    )
+    if select:
+        one_standard_error(rows, keys, *select)
+    saved = {
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "grid": grid,
+        "base": base,
+        "seeds": seeds,
+        "validation": args.validation,
+        "select": list(select) if select else None,
+        "rows": rows,
+    }
+    (args.out / "sweep.json").write_text(json.dumps(saved, indent=1))
+    write_report(args.out, saved, select)
+    if args.plot_x:
+        plot_sweep(rows, keys, args.plot_x, base, args.out / "stability_plasticity.png")
+    return 0
+
+
+def write_report(out: Path, saved: dict, select: list[str] | tuple[str, str] | None) -> None:
+    """Writes ``sweep.md`` from the contents of ``sweep.json``."""
+    keys, rows = list(saved["grid"]), saved["rows"]
     lines = [
-        f"Command: `{command}`",
+        f"Command: `{saved['command']}`",
         "",
-        f"Evaluated on a {args.validation:.0%} validation split of the training data; seeds {seeds}.",
+        f"Evaluated on a {saved['validation']:.0%} validation split of the training data; "
+        f"seeds {saved['seeds']}.",
         "",
     ]
+    if select:
+        lines += [
+            f"Selected by the one-standard-error rule on `{select[0]}` ({select[1]}): "
+            "the most protective setting whose accuracy is within one standard error of "
+            "the best row's (difference paired over seeds); `gap` is that difference.",
+            "",
+        ]
+    pick = " gap to best (pp) | pick |" if select else ""
     lines.append(
         "| "
         + " | ".join(keys)
         + " | final acc (%) | forgetting (pp) | max interference | null-space fraction |"
+        + pick
     )
-    lines.append("|---" * (len(keys) + 4) + "|")
+    lines.append("|---" * (len(keys) + 4 + (2 if select else 0)) + "|")
+
+    def f(c, k=100):
+        return "–" if not c or c["mean"] is None else f"{k * c['mean']:.2f} ± {k * c['std']:.2f}"
+
     for row in rows:
-
-        def f(c, k=100):
-            return (
-                "–" if not c or c["mean"] is None else f"{k * c['mean']:.2f} ± {k * c['std']:.2f}"
-            )
-
         inter = row["max_interference"]
         lines.append(
             "| "
             + " | ".join(str(row["point"][k]) for k in keys)
-            + f" | {f(row['final_average_accuracy'])} | {f(row['forgetting'])} | {'–' if not inter else format(inter['mean'], '.2e')} | {f(row['mean_null_dim_fraction'], 1)} |"
+            + f" | {f(row['final_average_accuracy'])} | {f(row['forgetting'])}"
+            + f" | {'–' if not inter else format(inter['mean'], '.2e')}"
+            + f" | {f(row['mean_null_dim_fraction'], 1)} |"
+            + (
+                f" {f(row['gap_to_best'])} | {'**selected**' if row['selected'] else ''} |"
+                if select
+                else ""
+            )
         )
-    (args.out / "sweep.md").write_text("\n".join(lines) + "\n")
-    if args.plot_x:
-        plot_sweep(rows, keys, args.plot_x, base, args.out / "stability_plasticity.png")
-    return 0
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+
+
+def _parse_select(spec: str | None, grid: dict, parser) -> tuple[str, str] | None:
+    if not spec:
+        return None
+    option, _, direction = spec.partition(":")
+    if option not in grid or direction not in ("min", "max"):
+        parser.error(
+            f"--select must be OPTION:min or OPTION:max with OPTION in --grid, got {spec!r}"
+        )
+    return option, direction
+
+
+def one_standard_error(rows: list[dict], keys: list[str], option: str, direction: str) -> None:
+    """Marks ``row["selected"]`` and ``row["gap_to_best"]`` by the one-standard-error rule.
+
+    Within each setting of the grid's other options, the best row has the highest mean
+    final accuracy; every row's gap is its accuracy minus the best row's, seed by seed
+    (the validation split and the initialisation are shared by a seed, so the paired
+    difference removes what the settings have in common). A row qualifies when its mean
+    gap is within one standard error of that gap (sample std / √seeds); of those, the one
+    with the smallest (``min``) or largest (``max``) ``option`` is selected (Breiman et
+    al. 1984; Hastie et al., ESL §7.10: prefer the simplest, here the most protective,
+    model the data cannot tell from the best).
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row["point"][k] for k in keys if k != option), []).append(row)
+    for group in groups.values():
+        best = max(group, key=lambda r: r["final_average_accuracy"]["mean"])
+        ref = best["final_average_accuracy"]["values"]
+        qualified = []
+        for row in group:
+            gaps = [a - b for a, b in zip(row["final_average_accuracy"]["values"], ref)]
+            row["gap_to_best"] = mean_std(gaps)
+            n = len(gaps)
+            se = (row["gap_to_best"]["std"] or 0.0) / n**0.5 if n > 1 else 0.0
+            if row["gap_to_best"]["mean"] >= -se:
+                qualified.append(row)
+        pick = (min if direction == "min" else max)(qualified, key=lambda r: r["point"][option])
+        for row in group:
+            row["selected"] = row is pick
 
 
 def plot_sweep(rows: list[dict], keys: list[str], x: str, base: dict, path: Path) -> None:

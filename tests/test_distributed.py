@@ -40,6 +40,10 @@ def test_two_processes_match_one(tmp_path, tiny_task_run):
     for row_a, row_b in zip(a["accuracy_matrix"], b["accuracy_matrix"], strict=True):
         assert row_b == pytest.approx(row_a, abs=0.02)
     assert b["final_average_accuracy"] == pytest.approx(a["final_average_accuracy"], abs=0.02)
+    # Covariance increments are all-reduced before the free-energy shares are read.
+    for ha, hb in zip(a["null_space"][1:], b["null_space"][1:], strict=True):
+        assert hb["free_energy"] == pytest.approx(ha["free_energy"], rel=0.25, abs=1e-6)
+        assert hb["old_free_energy"] == pytest.approx(ha["old_free_energy"], rel=0.25, abs=1e-6)
     # No training before the baseline: shards are combined exactly.
     assert b["untrained_accuracy"] == pytest.approx(a["untrained_accuracy"], abs=1e-12)
     # Only rank 0 wrote TensorBoard events.

@@ -101,10 +101,16 @@ def test_experience_scalars_skip_unseen_and_use_joint_average():
     assert len([k for k in joint if k.startswith("cl/accuracy_exp")]) == 3
     task = experience_scalars([[0.9, 0.3], [0.8, 0.7]], [0.5, 0.1], "task", "linear")
     assert task["cl/fwt"] == pytest.approx(0.3 - 0.1)
-    nsp = {"null_space_dims": [40, 0], "input_dims": [64, 64], "interference": {0: 1e-7}}
+    nsp = {
+        "null_space_dims": [40, 0],
+        "input_dims": [64, 64],
+        "free_energy": [1e-5, None],
+        "interference": {0: 1e-7},
+    }
     drift = {"drift": {"0": {"relative": 1e-7, "class_spreads": 2e-6}}}
     p = plugin_scalars(nsp, drift)
     assert p["nsp/null_space_dims/block00"] == 40 and p["nsp/null_space_dims/block01"] == 0
     assert p["nsp/null_space_fraction"] == pytest.approx(40 / 128)
     assert p["nsp/interference_max"] == 1e-7 and p["drift/class_spreads_max"] == 2e-6
+    assert p["nsp/free_energy/block00"] == 1e-5 and "nsp/free_energy/block01" not in p
     assert plugin_scalars(None, {"drift": {}}) == {}

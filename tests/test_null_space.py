@@ -323,3 +323,37 @@ def test_covariance_shares_the_head_statistics_pass(head, monkeypatch):
     # ...in one pass over the data per experience: the head's when there is one, else
     # the plugin's own.
     assert len(passes) == 2
+
+
+@pytest.mark.parametrize("separate_prefix", [True, False])
+def test_free_energy_is_the_inputs_share_in_the_null_space(separate_prefix):
+    """tr(P·Σ)/tr(Σ) per bank, for the pass's own inputs and for the older ones."""
+    from cl_hres.experts import ExpertBank
+
+    torch.manual_seed(0)
+    bank = ExpertBank(8, 8, rank=2, scale=1.0, num_prefix_tokens=1)
+    bank.add_expert()
+    config = NullSpaceConfig(rule="relative", threshold=0.05, separate_prefix=separate_prefix)
+    guard = NullSpaceGuard([bank], config)
+
+    def tokens(n, dims, faint=None):  # (n, 1 + 4, 8): prefix and patch tokens
+        x = torch.zeros(n, 5, 8)
+        x[..., dims] = torch.randn(n, 5, len(dims))
+        if faint is not None:  # 1% of one direction's energy: below the threshold
+            x[..., faint] = 0.1 * torch.randn(n, 5)
+        return x
+
+    guard.collect(bank, [tokens(256, [0, 1, 2, 3], faint=4)])
+    assert guard.free_energy == [None]  # nothing constrained the first experience
+    assert guard.null_dims == [4]  # directions 4..7: the faint one counts as null
+    guard.collect(bank, [tokens(256, [0, 1, 2, 3])])
+    new, old = guard.free_energy[0]
+    assert new == pytest.approx(0.0, abs=1e-4)  # the sample couples the faint direction
+    assert old == pytest.approx(0.01 / 4.01, rel=0.3)  # the faint direction's share
+    # Equal energy in an old and in a null direction (every token): half is free.
+    x = tokens(256, [0])
+    x[..., 5] = x[..., 0]
+    guard.collect(bank, [x])
+    assert guard.free_energy[0][0] == pytest.approx(0.5, abs=1e-4)
+    # The measurement reads the projector the pass was trained under, before refreshing.
+    assert guard.null_dims == [3]  # 4, 6, 7
