@@ -325,8 +325,9 @@ def _free_share(state: NullSpaceState, before: torch.Tensor) -> tuple[float, flo
     the first is the share of the new experience's input energy in the old inputs' null
     space: what its expert could learn from without moving old features. The ratio of the
     two says how selective those directions are: near 1, whatever the expert does to new
-    inputs through them it does about as strongly to old ones. Clipped to [0, 1] (the
-    difference of sums rounds to ±1e-9 where P removes everything).
+    inputs through them it does about as strongly to old ones. The projector is stored in
+    float32, so where P removes (nearly) everything the shares sit at its noise floor,
+    ~1e-8, and can come out slightly negative: they are clipped to [0, 1].
     """
     if not state.ready:
         return None

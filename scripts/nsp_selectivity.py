@@ -31,17 +31,13 @@ from cl_hres.runner import execute, prepare
 _RIDGE = 1e-8  # relative to the mean eigenvalue of Σ_old, so the Cholesky factor exists
 
 
-def _normalised(sums: torch.Tensor) -> torch.Tensor:
-    return sum(g / g.diagonal().sum().clamp_min(1e-300) for g in sums if g.diagonal().sum() > 0)
-
-
-def selectivity(old_sums: torch.Tensor, new_sums: torch.Tensor) -> list[float]:
-    """Generalised eigenvalues of (Σ_new, Σ_old), largest first."""
-    old, new = _normalised(old_sums), _normalised(new_sums)
+def selectivity(old: torch.Tensor, new: torch.Tensor) -> list[float]:
+    """Generalised eigenvalues of (Σ_new, Σ_old), largest first: those of L⁻¹Σ_new L⁻ᵀ."""
     eye = torch.eye(old.shape[0], dtype=old.dtype)
     chol = torch.linalg.cholesky(old + _RIDGE * old.diagonal().mean() * eye)
-    inv = torch.linalg.inv(chol)
-    return torch.linalg.eigvalsh(inv @ new @ inv.T).flip(0).tolist()
+    half = torch.linalg.solve_triangular(chol, new, upper=False)  # L⁻¹Σ_new
+    whitened = torch.linalg.solve_triangular(chol, half.T, upper=False)  # L⁻¹Σ_new L⁻ᵀ
+    return torch.linalg.eigvalsh((whitened + whitened.T) / 2).flip(0).tolist()
 
 
 def main() -> int:
@@ -54,10 +50,12 @@ def main() -> int:
     options = {"strategy": "hres-nsp", "fwt_reference": False, **json.loads(args.set)}
     cfg = RunConfig.from_dict(dict(options, seed=args.seed, validation=args.validation))
     passes: list[list[torch.Tensor]] = []  # per experience: each bank's Σ increment
+    accumulators = []  # normalise token groups exactly as the projector does
     collecting = null_space.NullSpaceGuard.collecting
 
     @contextlib.contextmanager
     def recording_increments(guard):
+        accumulators[:] = [s.covariance for s in guard.states]
         before = [s.covariance.sums.clone() for s in guard.states]
         with collecting(guard):
             yield
@@ -70,17 +68,23 @@ def main() -> int:
         )
     finally:
         null_space.NullSpaceGuard.collecting = collecting
-    rows = []
+
+    def normalised(b: int, sums: torch.Tensor) -> torch.Tensor:
+        return accumulators[b].matrix(sums.to(accumulators[b].sums.device)).cpu()
+
+    rows = []  # one collecting pass per experience: pass t is experience t + 1
     for t in range(1, len(passes)):
         mus = [
-            selectivity(sum(passes[j][b] for j in range(t)), passes[t][b])
+            selectivity(
+                normalised(b, sum(passes[j][b] for j in range(t))), normalised(b, passes[t][b])
+            )
             for b in range(len(passes[t]))
         ]
-        rows.append({"experience": t, "mu": mus})
+        rows.append({"experience": t + 1, "mu": mus})
     # The spectrum the threshold rules cut: old inputs after the last experience.
     spectra = []
     for b in range(len(passes[0])):
-        total = _normalised(sum(p[b] for p in passes))
+        total = normalised(b, sum(p[b] for p in passes))
         evals = torch.linalg.eigvalsh(total).flip(0).clamp_min(1e-300)
         spectra.append((evals / evals[0]).log10().tolist())
     (args.out / "selectivity.json").write_text(
@@ -89,7 +93,8 @@ def main() -> int:
     lines = [
         f"Options {json.dumps(options)}, seed {args.seed}, {args.validation:.0%} validation.",
         "",
-        "Largest / 4th / 16th generalised eigenvalue μ of (Σ_new, Σ_old) per block:",
+        "Largest / 4th / 16th generalised eigenvalue μ of (Σ_new, Σ_old) per block, for "
+        "experiences 2 to 5 (1 has no old inputs):",
         "",
         "| experience | " + " | ".join(f"block {b}" for b in range(len(passes[0]))) + " |",
         "|---" * (len(passes[0]) + 1) + "|",

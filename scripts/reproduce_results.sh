@@ -43,7 +43,7 @@ if [ -z "${SKIP_SWEEPS:-}" ]; then
       --grid '{"nsp_threshold": [1e-4, 3e-5, 1e-5, 1e-6]}' --select nsp_threshold:min --plot-x nsp_threshold
     python scripts/sweep.py --seeds 0,1,2,3,4,5,6,7 --out results/sweeps/nsp-threshold-1se-lora-$sc \
       --base "{\"strategy\": \"lora-nsp\", \"scenario\": \"$sc\", $NOREF}" \
-      --grid '{"nsp_threshold": [1e-4, 1e-5, 1e-6]}' --select nsp_threshold:min --plot-x nsp_threshold
+      --grid '{"nsp_threshold": [1e-4, 1e-5, 1e-6, 1e-7, 1e-8]}' --select nsp_threshold:min --plot-x nsp_threshold
   done
   $S --out results/sweeps/nsp-threshold \
      --base "{\"strategy\": \"hres-nsp\", \"nsp_rule\": \"relative\", $OLD}" \
@@ -90,6 +90,8 @@ cl-hres compare --strategies hres-nsp,lora-nsp,aper,joint --no-concat-pretrained
 # 3. Claims of the paper on the pretrained backbone, against a VPT run of the same stream.
 cl-hres analyze --run results/split-digits-class/hres-nsp/seed0 --other-run results/split-digits-class/vpt/seed0
 cp results/split-digits-class/hres-nsp/seed0/analysis.md results/analysis-split-digits.md
+cl-hres analyze --run results/split-digits-class/lora-nsp/seed0 > /dev/null
+cp results/split-digits-class/lora-nsp/seed0/analysis.md results/analysis-lora-nsp.md
 
 # 4. How selective the directions an NSP expert may learn in can be (validation data).
 python scripts/nsp_selectivity.py --out results/nsp-selectivity --seed 0 > /dev/null

@@ -43,7 +43,12 @@ def main() -> int:
     args = p.parse_args()
     if args.replot:
         saved = json.loads((args.out / "sweep.json").read_text())
-        write_report(args.out, saved, saved.get("select"))
+        select = _parse_select(args.select, saved["grid"], p) or saved.get("select")
+        if select:
+            one_standard_error(saved["rows"], list(saved["grid"]), *select)
+            saved["select"] = list(select)
+            (args.out / "sweep.json").write_text(json.dumps(saved, indent=1))
+        write_report(args.out, saved, select)
         x = args.plot_x or next(iter(saved["grid"]))
         plot_sweep(
             saved["rows"],
@@ -60,6 +65,8 @@ def main() -> int:
     grid, base = json.loads(args.grid), json.loads(args.base)
     select = _parse_select(args.select, grid, p)
     seeds = [int(s) for s in args.seeds.split(",")]
+    if select and len(seeds) < 2:
+        p.error("--select needs at least 2 seeds (a standard error)")
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     keys = list(grid)
@@ -138,13 +145,14 @@ def write_report(out: Path, saved: dict, select: list[str] | tuple[str, str] | N
         "",
     ]
     if select:
+        extreme = "smallest" if select[1] == "min" else "largest"
         lines += [
-            f"Selected by the one-standard-error rule on `{select[0]}` ({select[1]}): "
-            "the most protective setting whose accuracy is within one standard error of "
-            "the best row's (difference paired over seeds); `gap` is that difference.",
+            f"Selected by the one-standard-error rule: the {extreme} `{select[0]}` whose "
+            "accuracy is within one standard error of the best row's (difference paired "
+            "over seeds); `gap` is that difference, mean ± standard error.",
             "",
         ]
-    pick = " gap to best (pp) | pick |" if select else ""
+    pick = " gap to best (pp, ± SE) | pick |" if select else ""
     lines.append(
         "| "
         + " | ".join(keys)
@@ -156,6 +164,10 @@ def write_report(out: Path, saved: dict, select: list[str] | tuple[str, str] | N
     def f(c, k=100):
         return "–" if not c or c["mean"] is None else f"{k * c['mean']:.2f} ± {k * c['std']:.2f}"
 
+    def gap(row):
+        g = row["gap_to_best"]
+        return "–" if g["mean"] is None else f"{100 * g['mean']:.2f} ± {100 * g['se']:.2f}"
+
     for row in rows:
         inter = row["max_interference"]
         lines.append(
@@ -164,11 +176,7 @@ def write_report(out: Path, saved: dict, select: list[str] | tuple[str, str] | N
             + f" | {f(row['final_average_accuracy'])} | {f(row['forgetting'])}"
             + f" | {'–' if not inter else format(inter['mean'], '.2e')}"
             + f" | {f(row['mean_null_dim_fraction'], 1)} |"
-            + (
-                f" {f(row['gap_to_best'])} | {'**selected**' if row['selected'] else ''} |"
-                if select
-                else ""
-            )
+            + (f" {gap(row)} | {'**selected**' if row['selected'] else ''} |" if select else "")
         )
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
 
@@ -200,14 +208,20 @@ def one_standard_error(rows: list[dict], keys: list[str], option: str, direction
     for row in rows:
         groups.setdefault(tuple(row["point"][k] for k in keys if k != option), []).append(row)
     for group in groups.values():
-        best = max(group, key=lambda r: r["final_average_accuracy"]["mean"])
+        scored = [r for r in group if r["final_average_accuracy"]["mean"] is not None]
+        best = max(scored, key=lambda r: r["final_average_accuracy"]["mean"])
         ref = best["final_average_accuracy"]["values"]
         qualified = []
         for row in group:
-            gaps = [a - b for a, b in zip(row["final_average_accuracy"]["values"], ref)]
-            row["gap_to_best"] = mean_std(gaps)
+            # Seeds where either run has no accuracy are left out of the pairing.
+            pairs = zip(row["final_average_accuracy"]["values"], ref)
+            gaps = [a - b for a, b in pairs if a is not None and b is not None]
+            row["gap_to_best"] = dict(mean_std(gaps), se=None)
+            if not gaps:
+                continue
             n = len(gaps)
-            se = (row["gap_to_best"]["std"] or 0.0) / n**0.5 if n > 1 else 0.0
+            se = row["gap_to_best"]["std"] / n**0.5 if n > 1 else 0.0
+            row["gap_to_best"]["se"] = se
             if row["gap_to_best"]["mean"] >= -se:
                 qualified.append(row)
         pick = (min if direction == "min" else max)(qualified, key=lambda r: r["point"][option])

@@ -39,3 +39,13 @@ def test_picks_most_protective_within_one_paired_standard_error():
     assert best["gap_to_best"]["mean"] == 0
     sweep.one_standard_error(rows, ["scenario", "nsp_threshold"], "nsp_threshold", "max")
     assert [r["point"]["nsp_threshold"] for r in rows if r["selected"]] == [1e-4, 1e-4]
+
+
+def test_seeds_without_accuracy_are_left_out_of_the_pairing():
+    rows = [
+        _row("class", 1e-4, [0.95, 0.93, 0.96]),
+        _row("class", 1e-6, [0.95, None, 0.96]),  # a failed run
+    ]
+    sweep.one_standard_error(rows, ["scenario", "nsp_threshold"], "nsp_threshold", "min")
+    assert rows[1]["gap_to_best"]["values"] == [0.0, 0.0] and rows[1]["selected"]
+    assert rows[1]["gap_to_best"]["se"] == 0.0
