@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from cl_hres.errors import CheckpointError
 from cl_hres.fileio import atomic_write_text  # re-exported: it lived here before fileio
 from cl_hres.model import ContinualViT
-from cl_hres.run_config import RESUMABLE_KEYS
+from cl_hres.run_config import RESUMABLE_KEYS, changed_on_resume
 
 __all__ = [
     "atomic_write_text",
@@ -192,10 +192,10 @@ def load_checkpoint(path: Path, config: dict[str, Any]) -> tuple[dict[str, Any],
             )
     # Every other option the checkpoint knows must agree too (``run`` and ``compare``
     # alike), or the resumed experiences would learn with other settings than the first.
-    for key, value in saved.items():
-        if key in config and key not in RESUMABLE_KEYS and config[key] != value:
-            raise CheckpointError(
-                f"{path}: checkpoint was written with {key}={value!r}, this run has "
-                f"{config[key]!r} (only {', '.join(RESUMABLE_KEYS)} may change on --resume)"
-            )
+    if changed := changed_on_resume(saved, config):
+        key, old, new = changed
+        raise CheckpointError(
+            f"{path}: checkpoint was written with {key}={old!r}, this run has "
+            f"{new!r} (only {', '.join(RESUMABLE_KEYS)} may change on --resume)"
+        )
     return state, model_tensors, extra

@@ -120,7 +120,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _config_from_args(args: argparse.Namespace) -> Any:
-    from cl_hres.run_config import RESUMABLE_KEYS, RunConfig, load_yaml_config
+    from cl_hres.run_config import RESUMABLE_KEYS, RunConfig, changed_on_resume, load_yaml_config
 
     values: dict[str, Any] = load_yaml_config(args.config) if args.config else {}
     given = {dest: getattr(args, dest, None) for dest in _RUN_FIELDS}
@@ -129,11 +129,11 @@ def _config_from_args(args: argparse.Namespace) -> Any:
         import json
 
         saved = json.loads((args.out / "config.json").read_text())
-        for key, value in values.items():
-            if key in saved and saved[key] != value and key not in RESUMABLE_KEYS:
-                raise ConfigError(
-                    f"--resume: {key}={value!r} differs from the run in {args.out} ({saved[key]!r})"
-                )
+        if changed := changed_on_resume(saved, values):
+            key, old, new = changed
+            raise ConfigError(
+                f"--resume: {key}={new!r} differs from the run in {args.out} ({old!r})"
+            )
         saved.update({k: v for k, v in values.items() if k in RESUMABLE_KEYS})
         values = saved
     return RunConfig.from_dict(values, source=str(args.config) if args.config else "options")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,30 @@ from cl_hres.errors import ConfigError
 from cl_hres.loaders import parse_num_workers
 from cl_hres.transforms import AUGMENT_CHOICES
 
-__all__ = ["DEFAULT_BACKBONE", "RESUMABLE_KEYS", "RunConfig", "load_yaml_config"]
+__all__ = [
+    "DEFAULT_BACKBONE",
+    "RESUMABLE_KEYS",
+    "RunConfig",
+    "changed_on_resume",
+    "load_yaml_config",
+]
 
 # Options a resumed run may change: where it runs and reads, not what it learns.
 RESUMABLE_KEYS = ("device", "data_root", "num_workers")
+
+
+def changed_on_resume(
+    saved: Mapping[str, Any], given: Mapping[str, Any]
+) -> tuple[str, Any, Any] | None:
+    """The first option both know, other than :data:`RESUMABLE_KEYS`, that differs.
+
+    Returns:
+        ``(key, saved value, given value)``, or None when a resume may go on.
+    """
+    for key, value in given.items():
+        if key in saved and key not in RESUMABLE_KEYS and saved[key] != value:
+            return key, saved[key], value
+    return None
 
 
 # The embedded default's backbone: cl-hres's own ViT pretrained on Fashion-MNIST, shipped
