@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from cl_hres import null_space
+from cl_hres import _warnings, null_space
 from cl_hres.run_config import RunConfig
 from cl_hres.runner import execute, prepare
 
@@ -47,6 +47,7 @@ def main() -> int:
     p.add_argument("--validation", type=float, default=0.2, help="train fraction held out")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
+    _warnings.show_as_one_line()  # cl-hres warnings as the CLI prints them
     options = {"strategy": "hres-nsp", "fwt_reference": False, **json.loads(args.set)}
     cfg = RunConfig.from_dict(dict(options, seed=args.seed, validation=args.validation))
     passes: list[list[torch.Tensor]] = []  # per experience: each bank's Σ increment

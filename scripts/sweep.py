@@ -19,6 +19,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from cl_hres import _warnings
 from cl_hres.compare import mean_std
 from cl_hres.run_config import RunConfig
 from cl_hres.runner import execute, prepare
@@ -41,6 +42,7 @@ def main() -> int:
         "one standard error (paired over seeds) of the best row",
     )
     args = p.parse_args()
+    _warnings.show_as_one_line()  # cl-hres warnings as the CLI prints them
     if args.replot:
         saved = json.loads((args.out / "sweep.json").read_text())
         select = _parse_select(args.select, saved["grid"], p) or saved.get("select")
