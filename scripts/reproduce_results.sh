@@ -48,9 +48,9 @@ if [ -z "${SKIP_SWEEPS:-}" ]; then
   # RanPAC's random ReLU projection before the ridge head (the head is shared: 0 unless
   # it helps the protected strategies).
   python scripts/sweep.py --seeds 0,1,2,3,4,5,6,7 --out results/sweeps/ridge-projection --base "{$NOREF}" \
-    --grid '{"strategy": ["hres-nsp", "linear"], "ridge_projection": [0, 1000, 2000]}' --select ridge_projection:min
+    --grid '{"strategy": ["hres-nsp", "linear"], "ridge_projection": [0, 1000, 2000]}' --select ridge_projection:min --plot-x ridge_projection
   python scripts/sweep.py --seeds 0,1,2,3,4,5,6,7 --out results/sweeps/ridge-projection-lora-nsp \
-    --base "{$NOREF, \"strategy\": \"lora-nsp\"}" --grid '{"ridge_projection": [0, 1000, 2000]}' --select ridge_projection:min
+    --base "{$NOREF, \"strategy\": \"lora-nsp\"}" --grid '{"ridge_projection": [0, 1000, 2000]}' --select ridge_projection:min --plot-x ridge_projection
   $S --out results/sweeps/nsp-threshold \
      --base "{\"strategy\": \"hres-nsp\", \"nsp_rule\": \"relative\", $OLD}" \
      --grid '{"scenario": ["class", "task"], "nsp_threshold": [1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 1e-6]}' --plot-x nsp_threshold
