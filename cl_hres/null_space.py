@@ -308,11 +308,13 @@ class NullSpaceGuard:
 
 
 def _group_traces(state: NullSpaceState) -> torch.Tensor:
-    """Per token group, ``tr(S_g)`` and ``tr(P·S_g)`` of the summed second moments S_g."""
-    sums = state.covariance.sums
-    proj = state.projector.to(sums.dtype)
+    """Per token group as the projector weighs them, ``tr(S_g)`` and ``tr(P·S_g)``."""
+    groups = state.covariance.groups()
+    proj = state.projector.to(groups.dtype)
     # tr(P·S) = Σ_ij P_ij S_ij for symmetric P, S; no copy of the statistics is made.
-    return torch.stack([torch.stack([g.diagonal().sum(), torch.tensordot(proj, g)]) for g in sums])
+    return torch.stack(
+        [torch.stack([g.diagonal().sum(), torch.tensordot(proj, g)]) for g in groups]
+    )
 
 
 @torch.no_grad()
@@ -334,8 +336,6 @@ def _free_share(state: NullSpaceState, before: torch.Tensor) -> tuple[float, flo
     after = _group_traces(state)
     shares = []
     for traces in (after - before, before):
-        if not state.covariance.separate_prefix:
-            traces = traces.sum(0, keepdim=True)
         groups = traces[traces[:, 0] > 0]
         if len(groups) == 0:
             return None

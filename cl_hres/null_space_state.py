@@ -100,17 +100,24 @@ class CovarianceAccumulator(_KeepsDtypes):
             self.sums[g] += (flat.T @ flat).double()
             self.counts[g] += flat.shape[0]
 
-    def matrix(self, sums: torch.Tensor | None = None) -> torch.Tensor:
-        """Sum over groups of each group's second moment divided by its trace (float64).
+    def groups(self, sums: torch.Tensor | None = None) -> torch.Tensor:
+        """The per-group sums the projector weighs equally: separate, or pooled into one.
 
         Args:
             sums: Per-group sums shaped like :attr:`sums` (e.g. one experience's share of
-                them) to normalise the same way; default: the accumulated sums.
+                them); default: the accumulated sums.
         """
         sums = self.sums if sums is None else sums
-        sums = sums if self.separate_prefix else sums.sum(0, keepdim=True)
+        return sums if self.separate_prefix else sums.sum(0, keepdim=True)
+
+    def matrix(self, sums: torch.Tensor | None = None) -> torch.Tensor:
+        """Sum over :meth:`groups` of each group's second moment divided by its trace (float64).
+
+        Args:
+            sums: As for :meth:`groups`, to normalise other sums the same way.
+        """
         total = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.sums.device)
-        for s in sums:
+        for s in self.groups(sums):
             # A group without tokens is all zero and adds exactly zero.
             total += s / s.diagonal().sum().clamp_min(torch.finfo(torch.float64).tiny)
         return total
