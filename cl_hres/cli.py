@@ -19,10 +19,10 @@ from cl_hres import _warnings, registry
 from cl_hres.cli_options import (  # noqa: F401  (BENCHMARK_HELP, _RUN_FIELDS: read by tests)
     _RUN_FIELDS,
     BENCHMARK_HELP,
+    OneLineParser,
     _add_run_options,
     _HelpFormatter,
     _int_list,
-    _Parser,
     strategy_help,
 )
 from cl_hres.errors import ClHresError, ConfigError
@@ -31,14 +31,14 @@ __all__ = ["main"]
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="cl-hres",
         description="Continual learning on a frozen Vision Transformer: run, compare, "
         "analyze, bench.",
         epilog="cl-hres COMMAND --help lists the options of a command.",
     )
     sub = parser.add_subparsers(
-        dest="command", required=True, parser_class=_Parser, metavar="COMMAND"
+        dest="command", required=True, parser_class=OneLineParser, metavar="COMMAND"
     )
     run_p = sub.add_parser(
         "run",

@@ -15,9 +15,23 @@ from typing import Any
 from cl_hres import registry
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one stderr line and exit 2 (no usage dump).
+
+    Used by ``cl-hres`` and by the scripts in ``scripts/``.
+    """
+
+    def error(self, message: str) -> None:  # argparse would print the usage too
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def json_option(self, flag: str, text: str) -> Any:
+        """``text`` parsed as JSON, or a one-line error naming ``flag``."""
+        import json
+
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            self.error(f"{flag}: not valid JSON ({exc})")
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):

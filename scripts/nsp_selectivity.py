@@ -17,7 +17,6 @@ Example (the figures quoted in the README):
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 from pathlib import Path
@@ -25,6 +24,8 @@ from pathlib import Path
 import torch
 
 from cl_hres import _warnings, null_space
+from cl_hres.cli_options import OneLineParser
+from cl_hres.errors import ConfigError
 from cl_hres.run_config import RunConfig
 from cl_hres.runner import execute, prepare
 
@@ -41,15 +42,21 @@ def selectivity(old: torch.Tensor, new: torch.Tensor) -> list[float]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--set", default="{}", help="JSON: options (default: the shipped ones)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--validation", type=float, default=0.2, help="train fraction held out")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     _warnings.show_as_one_line()  # cl-hres warnings as the CLI prints them
-    options = {"strategy": "hres-nsp", "fwt_reference": False, **json.loads(args.set)}
-    cfg = RunConfig.from_dict(dict(options, seed=args.seed, validation=args.validation))
+    given = p.json_option("--set", args.set)
+    if not isinstance(given, dict):
+        p.error("--set must be a JSON object of option -> value")
+    options = {"strategy": "hres-nsp", "fwt_reference": False, **given}
+    try:
+        cfg = RunConfig.from_dict(dict(options, seed=args.seed, validation=args.validation))
+    except ConfigError as exc:
+        p.error(str(exc))
     passes: list[list[torch.Tensor]] = []  # per experience: each bank's Σ increment
     accumulators = []  # normalise token groups exactly as the projector does
     collecting = null_space.NullSpaceGuard.collecting

@@ -12,7 +12,6 @@ Example (the NSP threshold sweep in results/):
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import shlex
@@ -20,13 +19,15 @@ import sys
 from pathlib import Path
 
 from cl_hres import _warnings
+from cl_hres.cli_options import OneLineParser
 from cl_hres.compare import mean_std
+from cl_hres.errors import ConfigError
 from cl_hres.run_config import RunConfig
 from cl_hres.runner import execute, prepare
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--grid", help="JSON: option -> list of values (required unless --replot)")
     p.add_argument("--base", default="{}", help="JSON: fixed options")
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
@@ -44,6 +45,8 @@ def main() -> int:
     args = p.parse_args()
     _warnings.show_as_one_line()  # cl-hres warnings as the CLI prints them
     if args.replot:
+        if not (args.out / "sweep.json").is_file():
+            p.error(f"--replot: no sweep.json in {args.out}")
         saved = json.loads((args.out / "sweep.json").read_text())
         select = _parse_select(args.select, saved["grid"], p) or saved.get("select")
         if select:
@@ -64,19 +67,35 @@ def main() -> int:
         p.error("--grid is required")
     if not 0 < args.validation < 1:
         p.error("--validation must be in (0, 1): sweeps never look at the test split")
-    grid, base = json.loads(args.grid), json.loads(args.base)
+    grid, base = p.json_option("--grid", args.grid), p.json_option("--base", args.base)
+    if not (isinstance(grid, dict) and all(isinstance(v, list) for v in grid.values())):
+        p.error("--grid must be a JSON object of option -> list of values")
+    if not isinstance(base, dict):
+        p.error("--base must be a JSON object of option -> value")
     select = _parse_select(args.select, grid, p)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     if select and len(seeds) < 2:
         p.error("--select needs at least 2 seeds (a standard error)")
+    keys = list(grid)
+    plan = []  # every configuration is checked before the first run starts
+    for values in itertools.product(*grid.values()):
+        point = dict(zip(keys, values))
+        try:
+            cfgs = [
+                RunConfig.from_dict(dict(base, **point, seed=seed, validation=args.validation))
+                for seed in seeds
+            ]
+        except ConfigError as exc:
+            p.error(f"grid point {point}: {exc}")
+        plan.append((point, cfgs))
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    keys = list(grid)
-    for values in itertools.product(*(grid[k] for k in keys)):
-        point = dict(zip(keys, values))
+    for point, cfgs in plan:
         runs = []
-        for seed in seeds:
-            cfg = RunConfig.from_dict(dict(base, **point, seed=seed, validation=args.validation))
+        for seed, cfg in zip(seeds, cfgs):
             name = "_".join(f"{k}={v}" for k, v in point.items()) + f"_seed{seed}"
             res = execute(prepare(cfg), args.out / "runs" / name, overwrite=True, progress=False)
             runs.append(res)

@@ -1,7 +1,9 @@
-"""The one-standard-error rule of scripts/sweep.py (pure function, no runs)."""
+"""scripts/sweep.py without runs: the one-standard-error rule and one-line input errors."""
 
 import importlib.util
 from pathlib import Path
+
+import pytest
 
 from cl_hres.compare import mean_std
 
@@ -49,3 +51,28 @@ def test_seeds_without_accuracy_are_left_out_of_the_pairing():
     sweep.one_standard_error(rows, ["scenario", "nsp_threshold"], "nsp_threshold", "min")
     assert rows[1]["gap_to_best"]["values"] == [0.0, 0.0] and rows[1]["selected"]
     assert rows[1]["gap_to_best"]["se"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--grid", "{bad"], "--grid: not valid JSON"),
+        (["--grid", '{"lr": 1}'], "--grid must be a JSON object of option -> list"),
+        (["--grid", '{"lr": [1e-3]}', "--seeds", "0,a"], "--seeds must be comma-separated"),
+        (["--grid", '{"lr": [1e-3]}', "--select", "lr:min"], "--select needs at least 2 seeds"),
+        (["--grid", '{"lr": [1e-3]}', "--select", "lr:up", "--seeds", "0,1"], "--select must be"),
+        (["--grid", '{"lr": [-1]}'], "grid point {'lr': -1}: lr"),
+        (["--replot"], "--replot: no sweep.json"),
+    ],
+)
+def test_bad_sweep_input_is_one_line_and_writes_nothing(
+    tmp_path, monkeypatch, capsys, argv, message
+):
+    out = tmp_path / "sweep"
+    monkeypatch.setattr("sys.argv", ["sweep.py", "--out", str(out), *argv])
+    with pytest.raises(SystemExit) as exc:
+        sweep.main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
