@@ -212,9 +212,9 @@ def analysis_markdown(report: dict[str, Any]) -> str:
         lines.append(
             "| after exp | null-space dim per block (of input dim) "
             "| share of the new / old inputs' energy free to learn from, per block "
-            "| max interference on old exps |"
+            "| experts per block (* dormant) | max interference on old exps |"
         )
-        lines.append("|---|---|---|---|")
+        lines.append("|---|---|---|---|---|")
         for h in report["null_space"]:
             worst = max(h["interference"].values(), default=0.0)
             dims = ", ".join(f"{d}/{i}" for d, i in zip(h["null_space_dims"], h["input_dims"]))
@@ -223,5 +223,11 @@ def analysis_markdown(report: dict[str, Any]) -> str:
                 ", ".join("–" if n is None else f"{n:.1e} / {o:.1e}" for n, o in zip(new, old))
                 or "–"
             )
-            lines.append(f"| {h['experience'] + 1} | {dims} | {free} | {worst:.2e} |")
+            dormant = set(h.get("dormant") or [])
+            experts = ", ".join(
+                f"{n}{'*' if b in dormant else ''}" for b, n in enumerate(h.get("experts") or [])
+            )
+            lines.append(
+                f"| {h['experience'] + 1} | {dims} | {free} | {experts or '–'} | {worst:.2e} |"
+            )
     return "\n".join(lines) + "\n"

@@ -120,7 +120,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _config_from_args(args: argparse.Namespace) -> Any:
-    from cl_hres.run_config import RESUMABLE_KEYS, RunConfig, changed_on_resume, load_yaml_config
+    from cl_hres.run_config import (
+        RESUMABLE_KEYS,
+        RunConfig,
+        changed_on_resume,
+        load_yaml_config,
+        with_legacy_defaults,
+    )
 
     values: dict[str, Any] = load_yaml_config(args.config) if args.config else {}
     given = {dest: getattr(args, dest, None) for dest in _RUN_FIELDS}
@@ -128,7 +134,7 @@ def _config_from_args(args: argparse.Namespace) -> Any:
     if getattr(args, "resume", False) and (args.out / "config.json").is_file():
         import json
 
-        saved = json.loads((args.out / "config.json").read_text())
+        saved = with_legacy_defaults(json.loads((args.out / "config.json").read_text()))
         if changed := changed_on_resume(saved, values):
             key, old, new = changed
             raise ConfigError(

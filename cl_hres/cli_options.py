@@ -158,6 +158,7 @@ _GROUPS: list[tuple[str, str, list[tuple[str, str, Any]]]] = [
             ("--nsp-rule", "nsp_rule", str),
             ("--nsp-threshold", "nsp_threshold", float),
             ("--nsp-eta", "nsp_eta", float),
+            ("--nsp-min-free-energy", "nsp_min_free_energy", float),
             ("--nsp-separate-prefix", "nsp_separate_prefix", None),
             ("--nsp-precision", "nsp_precision", str),
         ],

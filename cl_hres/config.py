@@ -54,7 +54,7 @@ def _check_blocks(blocks: tuple[int, ...] | None) -> tuple[int, ...] | None:
 class HResConfig:
     """H-Res expert bottleneck adapters in parallel to ViT blocks."""
 
-    rank: int = field(default=32, metadata={"help": "Bottleneck width r of every expert."})
+    rank: int = field(default=64, metadata={"help": "Bottleneck width r of every expert."})
     scale: float = field(default=1.0, metadata={"help": "λ multiplying the experts' sum."})
     blocks: tuple[int, ...] | None = field(
         default=None,
@@ -132,12 +132,24 @@ class NullSpaceConfig:
         at 1e-12·λ_max so that exactly singular covariances behave. ``threshold`` ≥ 1.
       * ``relative``: null space is λ ≤ ``threshold`` · λ_max. ``threshold`` in (0, 1).
     ``eta`` < 1 relaxes the projector to ``eta·P + (1 − eta)·I`` (VPT-NSP²); it trades
-    exactness for plasticity.
+    exactness for plasticity. ``min_free_energy``: a bank takes an expert for a new
+    experience only where at least this share of the experience's input energy (measured
+    on its data before training, token groups weighed as for the projector) lies in the
+    directions the projector leaves free; below it the expert could learn (almost)
+    nothing and would only cost inference compute. 0 adds one wherever a free direction
+    exists.
     """
 
     rule: str = field(default="relative", metadata={"help": "energy | ratio | relative"})
     threshold: float = field(default=1e-6, metadata={"help": "Parameter of the rule."})
     eta: float = field(default=1.0, metadata={"help": "Relaxation in (0, 1]; 1 is exact."})
+    min_free_energy: float = field(
+        default=1e-6,
+        metadata={
+            "help": "Share of a new experience's input energy a bank's free directions must "
+            "hold for it to take an expert (0: always)."
+        },
+    )
     separate_prefix: bool = field(
         default=True,
         metadata={"help": "Normalise prefix (cls/register) and patch tokens separately."},
@@ -158,5 +170,8 @@ class NullSpaceConfig:
         _check_finite_positive("nsp eta", self.eta)
         if self.eta > 1:
             raise ConfigError(f"nsp eta must be in (0, 1], got {self.eta!r}")
+        m = self.min_free_energy
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1:
+            raise ConfigError(f"nsp min_free_energy must be in [0, 1), got {m!r}")
         if self.precision not in ("float64", "float32"):
             raise ConfigError(f"nsp precision must be float64 or float32, got {self.precision!r}")

@@ -93,8 +93,12 @@ class ExpertBank(nn.Module):
 
     @property
     def accepts_experts(self) -> bool:
-        """False once null-space projection leaves a new expert no direction to learn in."""
-        return not getattr(self.null_space, "closed", False)
+        """False where null-space projection leaves a new expert nothing to learn from.
+
+        That is, for good once the bank's null space is empty, and for one experience when
+        the experience's inputs have (almost) no energy in it (``NullSpaceGuard.admitting``).
+        """
+        return getattr(self.null_space, "accepts_experts", True)
 
     def add_expert(
         self, device: torch.device | str | None = None, *, force: bool = False
@@ -103,13 +107,14 @@ class ExpertBank(nn.Module):
 
         ``down`` gets nn.Linear's default (Kaiming-uniform) init and ``up`` is zero, so a
         fresh expert adds exactly zero to the output. The expert gets the wrapped layer's
-        device and dtype. A bank whose null space is empty (:attr:`accepts_experts` is
-        False) gets no expert: its ``down`` weights would be projected to zero for good,
-        and the dead expert would still cost two matmuls at inference.
+        device and dtype. A bank that does not :attr:`accepts_experts` gets no expert: its
+        ``down`` weights would be projected to (nearly) zero, and the dead expert would
+        still cost two matmuls at inference.
 
         Args:
             device: Overrides the wrapped layer's device.
-            force: Add the expert even to a closed bank (to rebuild a checkpoint's layout).
+            force: Add the expert even where the bank takes none (to rebuild a
+                checkpoint's layout).
 
         Returns:
             The new expert's name, or None when the bank took no expert.
@@ -165,7 +170,7 @@ class ExpertBank(nn.Module):
         return (
             f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
             f"scale={self.scale}, act={self.activation}, experts={self.num_experts}"
-            + ("" if self.accepts_experts else ", closed")
+            + ("" if self.accepts_experts else ", takes no expert")
         )
 
 

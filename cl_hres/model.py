@@ -168,12 +168,24 @@ class ContinualViT(nn.Module):
             # First-session adaptation is over: the method's weights (experts live inside
             # the backbone's blocks) stay as they are.
             self.backbone.requires_grad_(False)
-        elif self.banks and (self.expert_per_experience or self.banks[0].num_experts == 0):
+        elif self.adds_experts:
             for bank in self.banks:
                 # In the wrapped layer's device and dtype; a bank whose null space is
                 # empty takes none (ExpertBank.add_expert).
                 bank.add_expert()
         self.experiences_seen += 1
+
+    @property
+    def adds_experts(self) -> bool:
+        """Whether :meth:`begin_experience` offers the banks a new expert.
+
+        One per experience, or the first one, for the experience about to start.
+        """
+        return (
+            self.adapting
+            and bool(self.banks)
+            and (self.expert_per_experience or self.banks[0].num_experts == 0)
+        )
 
     @property
     def adapting(self) -> bool:

@@ -14,7 +14,12 @@ from cl_hres.experience_data import eval_batches, model_features
 from cl_hres.feature_probes import FeatureProbes
 from cl_hres.metrics import plugin_scalars
 from cl_hres.null_space import NullSpaceGuard
-from cl_hres.plugin_protocols import CheckpointablePlugin, StatisticsPassListener, find_plugin
+from cl_hres.plugin_protocols import (
+    CheckpointablePlugin,
+    ExpertAdmission,
+    StatisticsPassListener,
+    find_plugin,
+)
 from cl_hres.vit_adapters import expert_banks
 from cl_hres.vit_plugin import ContinualViTPlugin
 
@@ -22,7 +27,11 @@ __all__ = ["NullSpaceProjectionPlugin"]
 
 
 class NullSpaceProjectionPlugin(
-    CheckpointablePlugin, StatisticsPassListener, SupervisedPlugin, supports_distributed=True
+    CheckpointablePlugin,
+    StatisticsPassListener,
+    ExpertAdmission,
+    SupervisedPlugin,
+    supports_distributed=True,
 ):
     """Null-space projection of new experts (see :mod:`cl_hres.null_space`).
 
@@ -33,7 +42,10 @@ class NullSpaceProjectionPlugin(
     strategy has one, else by a pass of this plugin's own. After each experience it
     records diagnostics in :attr:`history`: the null-space dimension and the number of
     experts per bank (a bank whose null space is empty takes no new expert, so it costs
-    no more at inference), the share of the experience's input energy that the projector
+    no more at inference; nor does a bank *dormant* for the experience, whose free
+    directions held less than ``config.min_free_energy`` of the experience's input energy
+    in the admission pass that :class:`~cl_hres.vit_plugin.ContinualViTPlugin` makes
+    before creating experts: ``dormant``), the share of the experience's input energy that the projector
     let its experts learn from (``free_energy``, per bank; None for the first) and the
     same share of the older experiences' inputs (``old_free_energy``), and the relative
     change of the features of the probe set of every earlier experience
@@ -104,6 +116,15 @@ class NullSpaceProjectionPlugin(
         """
         return self._guard(strategy).collecting()
 
+    def admission_pass(self, strategy) -> AbstractContextManager | None:
+        """Context in which a pass over the new experience's data picks dormant banks.
+
+        :meth:`~cl_hres.null_space.NullSpaceGuard.admitting`; None when no projector
+        constrains a bank yet or ``min_free_energy`` is 0.
+        """
+        guard = self._guard(strategy)
+        return guard.admitting() if guard.needs_admission_pass else None
+
     def before_training_exp(self, strategy, **kwargs) -> None:
         # The new expert's initial down weights must already lie in the null space.
         self._guard(strategy).project_weights()
@@ -140,6 +161,9 @@ class NullSpaceProjectionPlugin(
                 "input_dims": [b.in_features for b in guard.banks],
                 # Inference cost: each bank evaluates experts × rank bottleneck units.
                 "experts": [b.num_experts for b in guard.banks],
+                # Banks that took no expert for this experience: their free directions
+                # held too little of its input energy (NullSpaceGuard.admitting).
+                "dormant": guard.dormant_banks,
                 # Shares of this experience's input energy, and of the older experiences',
                 # in the directions its experts were free to learn in.
                 "free_energy": [None if f is None else f[0] for f in guard.free_energy],
@@ -147,6 +171,7 @@ class NullSpaceProjectionPlugin(
                 "interference": {j: d["relative"] for j, d in drift.items()},
             }
         )
+        guard.wake()
 
     def scalars(self) -> dict[str, float]:
         """``nsp/`` scalars of the last experience (:func:`cl_hres.metrics.plugin_scalars`)."""

@@ -132,6 +132,9 @@ class NullSpaceGuard:
         # of the older inputs' energy that the projector lets through (None where no
         # projector constrained the experience).
         self.free_energy: list[tuple[float, float] | None] = [None] * len(self.states)
+        # Per bank, after the last admission pass: the share of the new experience's input
+        # energy in the free directions before training (None: not measured).
+        self.admission_energy: list[float | None] = [None] * len(self.states)
 
     @property
     def accumulators(self) -> list[CovarianceAccumulator]:
@@ -207,6 +210,60 @@ class NullSpaceGuard:
         # Measured with the projectors the pass's experience was trained under.
         self.free_energy = [_free_share(s, old) for s, old in zip(self.states, before)]
         self.refresh()
+
+    @contextmanager
+    def admitting(self):
+        """Passes over a new experience's data, before its experts exist, pick its banks.
+
+        Within the block every protected bank with a free direction records its inputs
+        into a temporary accumulator (the old statistics are not touched); on exit the
+        share of their energy in the directions the current projector leaves free is
+        stored per bank in :attr:`admission_energy`, and a bank whose share is below
+        ``config.min_free_energy`` is *dormant* for this experience: it takes no expert
+        (``ExpertBank.add_expert``), so it costs nothing it could not use. The inputs are
+        those the new expert would see, since a new expert starts at zero. Under
+        torch.distributed the temporary sums are all-reduced, so every rank decides alike.
+        Passes that no bank needs (first experience, every bank closed) can be skipped:
+        :attr:`needs_admission_pass`.
+        """
+        pending = {
+            i: s.covariance.empty_like()
+            for i, s in enumerate(self.states)
+            if s.ready and not s.closed
+        }
+        handles = [
+            self.banks[i].register_forward_pre_hook(_make_hook(a)) for i, a in pending.items()
+        ]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+        self.admission_energy = [None] * len(self.states)
+        for i, acc in pending.items():
+            if distributed.is_distributed():
+                distributed.all_reduce_(acc.sums)
+            state = self.states[i]
+            share = _share(_group_traces(state, acc.sums))
+            self.admission_energy[i] = share
+            state.dormant = share is not None and share < self.config.min_free_energy
+
+    @property
+    def needs_admission_pass(self) -> bool:
+        """Whether :meth:`admitting` could make a bank dormant (a projector constrains it)."""
+        return self.config.min_free_energy > 0 and any(
+            s.ready and not s.closed for s in self.states
+        )
+
+    @property
+    def dormant_banks(self) -> list[int]:
+        """Indices of the banks that take no expert for the current experience."""
+        return [i for i, s in enumerate(self.states) if s.dormant]
+
+    def wake(self) -> None:
+        """Ends the experience's dormancy: every open bank may take the next expert."""
+        for state in self.states:
+            state.dormant = False
 
     def refresh(self) -> None:
         """Recomputes every projector from the accumulated statistics.
@@ -307,9 +364,14 @@ class NullSpaceGuard:
             )
 
 
-def _group_traces(state: NullSpaceState) -> torch.Tensor:
-    """Per token group as the projector weighs them, ``tr(S_g)`` and ``tr(P·S_g)``."""
-    groups = state.covariance.groups()
+def _group_traces(state: NullSpaceState, sums: torch.Tensor | None = None) -> torch.Tensor:
+    """Per token group as the projector weighs them, ``tr(S_g)`` and ``tr(P·S_g)``.
+
+    Args:
+        state: The bank's state (projector, grouping).
+        sums: Per-group sums to measure; default the state's accumulated ones.
+    """
+    groups = state.covariance.groups(sums)
     proj = state.projector.to(groups.dtype)
     # tr(P·S) = Σ_ij P_ij S_ij for symmetric P, S; no copy of the statistics is made.
     return torch.stack(
@@ -333,14 +395,20 @@ def _free_share(state: NullSpaceState, before: torch.Tensor) -> tuple[float, flo
     """
     if not state.ready:
         return None
-    after = _group_traces(state)
-    shares = []
-    for traces in (after - before, before):
-        groups = traces[traces[:, 0] > 0]
-        if len(groups) == 0:
-            return None
-        shares.append(float((groups[:, 1] / groups[:, 0]).mean().clamp(0, 1)))
-    return shares[0], shares[1]
+    new, old = _share(_group_traces(state) - before), _share(before)
+    return None if new is None or old is None else (new, old)
+
+
+def _share(traces: torch.Tensor) -> float | None:
+    """Mean over token groups with energy of ``tr(P·S_g)/tr(S_g)``, clipped to [0, 1].
+
+    Args:
+        traces: ``(groups, 2)`` rows of ``tr(S_g)``, ``tr(P·S_g)`` (:func:`_group_traces`).
+    """
+    groups = traces[traces[:, 0] > 0]
+    if len(groups) == 0:
+        return None
+    return float((groups[:, 1] / groups[:, 0]).mean().clamp(0, 1))
 
 
 def _make_hook(acc: CovarianceAccumulator):

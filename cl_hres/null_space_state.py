@@ -131,6 +131,16 @@ class CovarianceAccumulator(_KeepsDtypes):
         """Tokens seen so far per group (reads the counts back to the host)."""
         return [int(c) for c in self.counts.tolist()]
 
+    def empty_like(self) -> CovarianceAccumulator:
+        """A new, empty accumulator with this one's width, groups, device and precision."""
+        return CovarianceAccumulator(
+            self.dim,
+            num_prefix_tokens=self.num_prefix_tokens,
+            separate_prefix=self.separate_prefix,
+            device=self.sums.device,
+            precision=self.precision,
+        )
+
     @torch.no_grad()
     def zero_(self) -> None:
         """Forgets every token."""
@@ -165,6 +175,10 @@ class NullSpaceState(_KeepsDtypes):
         # The projector is exactly zero: a new expert could never move off zero.
         self.register_buffer("is_closed", torch.tensor(False, device=device))
         self._null_dim, self._closed = -1, False
+        # Set for one experience by NullSpaceGuard.admitting(): the new experience's
+        # inputs have (almost) no energy in the free directions, so an expert would learn
+        # nothing. A plain attribute: it is decided again for every experience.
+        self.dormant = False
 
     def _mirror(self) -> None:
         self._null_dim = int(self.null_dim)
@@ -188,6 +202,11 @@ class NullSpaceState(_KeepsDtypes):
     def closed(self) -> bool:
         """True when the projector is zero: the bank has lost all plasticity."""
         return self._closed
+
+    @property
+    def accepts_experts(self) -> bool:
+        """Whether the bank takes an expert for the experience about to start."""
+        return not (self._closed or self.dormant)
 
     @torch.no_grad()
     def set_projector(self, proj: torch.Tensor, null_dim: int, closed: bool) -> None:

@@ -1,4 +1,4 @@
-"""What the runner and the plugins know of each other: two small protocols.
+"""What the runner and the plugins know of each other: three small protocols.
 
 * :class:`CheckpointablePlugin`: a plugin whose state goes into the run's checkpoints and
   whose history goes into TensorBoard and ``results.json``. The runner finds these plugins
@@ -6,6 +6,9 @@
 * :class:`StatisticsPassListener`: a plugin that feeds on the one pass over an
   experience's data that :class:`~cl_hres.vit_plugin.ContinualViTPlugin` makes for the
   statistics head (the NSP covariance rides on it).
+* :class:`ExpertAdmission`: a plugin that decides, from a pass over a new experience's
+  data made before its experts are created, which expert banks take one (NSP: not those
+  whose free directions the new data does not reach).
 
 Both are abstract base classes, so a plugin says what it is by inheriting, not by
 happening to have a method of the right name.
@@ -21,6 +24,7 @@ import torch
 
 __all__ = [
     "CheckpointablePlugin",
+    "ExpertAdmission",
     "StatisticsPassListener",
     "checkpointable_plugins",
     "find_plugin",
@@ -81,6 +85,22 @@ class StatisticsPassListener(ABC):
 
         Entered by :class:`~cl_hres.vit_plugin.ContinualViTPlugin` at most once per
         experience, around the pass that feeds the statistics head.
+        """
+
+
+class ExpertAdmission(ABC):
+    """A plugin that decides from the new experience's data which banks take an expert."""
+
+    @abstractmethod
+    def admission_pass(self, strategy) -> AbstractContextManager | None:
+        """Context in which a pass over the new experience's data informs the decision.
+
+        :class:`~cl_hres.vit_plugin.ContinualViTPlugin` makes the pass (forward only, eval
+        mode) before it creates the experience's experts, so the plugin's decision is in
+        place whatever the order of the plugins.
+
+        Returns:
+            The context, or None when the plugin needs no pass for this experience.
         """
 
 

@@ -18,6 +18,7 @@ from cl_hres.transforms import AUGMENT_CHOICES
 
 __all__ = [
     "DEFAULT_BACKBONE",
+    "LEGACY_DEFAULTS",
     "RESUMABLE_KEYS",
     "RunConfig",
     "changed_on_resume",
@@ -28,14 +29,28 @@ __all__ = [
 RESUMABLE_KEYS = ("device", "data_root", "num_workers")
 
 
+# Options added after runs were saved, with the value that reproduces a run saved without
+# them (a resumed run must go on as it started).
+LEGACY_DEFAULTS: dict[str, Any] = {"nsp_min_free_energy": 0.0}
+
+
+def with_legacy_defaults(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """``saved`` with every :data:`LEGACY_DEFAULTS` key it lacks."""
+    return {**LEGACY_DEFAULTS, **saved}
+
+
 def changed_on_resume(
     saved: Mapping[str, Any], given: Mapping[str, Any]
 ) -> tuple[str, Any, Any] | None:
     """The first option both know, other than :data:`RESUMABLE_KEYS`, that differs.
 
+    A key that ``saved`` lacks because it was written before the option existed counts
+    with its :data:`LEGACY_DEFAULTS` value.
+
     Returns:
         ``(key, saved value, given value)``, or None when a resume may go on.
     """
+    saved = with_legacy_defaults(saved)
     for key, value in given.items():
         if key in saved and key not in RESUMABLE_KEYS and saved[key] != value:
             return key, saved[key], value
@@ -138,6 +153,7 @@ class RunConfig:
     nsp_rule: str = _mirror(NullSpaceConfig, "rule")
     nsp_threshold: float = _mirror(NullSpaceConfig, "threshold")
     nsp_eta: float = _mirror(NullSpaceConfig, "eta")
+    nsp_min_free_energy: float = _mirror(NullSpaceConfig, "min_free_energy")
     nsp_separate_prefix: bool = _mirror(NullSpaceConfig, "separate_prefix")
     nsp_precision: str = _mirror(NullSpaceConfig, "precision")
     lora_rank: int = _mirror(LoRAConfig, "rank")

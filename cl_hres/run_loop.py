@@ -59,6 +59,11 @@ def _train_step(session: Session, i: int) -> None:
     experiences = stream.train_stream if session.whole_stream else stream.train_stream[i]
     strategy.train(experiences, **session.loader_kwargs)
     state.train_seconds.append(time.perf_counter() - t0)
+    if state.train_images is not None:
+        trained = getattr(strategy, "trained_last_experience", True)
+        parts = experiences if session.whole_stream else [experiences]
+        epochs = session.prep.config.epochs
+        state.train_images.append(epochs * sum(len(e.dataset) for e in parts) if trained else 0)
     state.rows.append(session.evaluate())
     if not session.whole_stream:
         state.within.append(_within(session, i))

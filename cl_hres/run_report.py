@@ -98,7 +98,10 @@ def build_results(session: Session, transfer: dict[str, Any] | None) -> dict[str
 
 def _timing(session: Session) -> dict[str, Any]:
     state, cfg = session.state, session.prep.config
-    train_images = cfg.epochs * sum(len(exp.dataset) for exp in session.stream.train_stream)
+    if state.train_images is not None:
+        train_images = sum(state.train_images)
+    else:  # a run resumed from a checkpoint that did not record them: every epoch ran
+        train_images = cfg.epochs * sum(len(exp.dataset) for exp in session.stream.train_stream)
     return {
         "train_seconds": sum(state.train_seconds),
         "per_experience": state.train_seconds,

@@ -152,6 +152,8 @@ class RunState:
         histories: Each checkpointable plugin's history, by checkpoint key.
         clock: Avalanche's integer clock counters (TensorBoard steps continue on resume).
         within: Accuracy on each trained experience with logits restricted to its classes.
+        train_images: Images through training steps per step (0 where the strategy ran
+            no step: nothing but the training head would have learned).
     """
 
     rows: list[list[float]] = field(default_factory=list)
@@ -160,11 +162,16 @@ class RunState:
     histories: dict[str, list[dict]] = field(default_factory=dict)
     clock: dict[str, int] = field(default_factory=dict)
     within: list[float] = field(default_factory=list)
+    train_images: list[int] | None = field(default_factory=list)
 
     @classmethod
     def from_saved(cls, saved: dict[str, Any]) -> RunState:
-        """The state of a checkpoint's ``state.json``."""
-        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls)})
+        """The state of a checkpoint's ``state.json``.
+
+        ``train_images`` is None in checkpoints written before it was recorded.
+        """
+        fields = {f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved}
+        return cls(**{"train_images": None, **fields})
 
 
 @dataclass

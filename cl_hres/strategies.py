@@ -278,14 +278,17 @@ class _ViTStrategy(SupervisedTemplate):
         # Loss and metrics in float32 (-inf masks survive the cast).
         return out.float()
 
-    def training_epoch(self, **kwargs: Any) -> None:
+    def _train_exp(self, experience: Any, eval_streams: Any = None, **kwargs: Any) -> None:
         # Nothing but the training head would learn, and a statistics head is fitted in
         # closed form after the experience without reading it (linear probe; APER after
-        # its first session): the epoch would change no result, so it is not run.
+        # its first session; NSP banks all closed or dormant): the epochs would change no
+        # result, so none runs, and no epoch metric logs a loss of nothing.
         model = self.model
-        if model.has_statistics_pass and model.adapter_parameter_count() == 0:
-            return
-        super().training_epoch(**kwargs)
+        self.trained_last_experience = not (
+            model.has_statistics_pass and model.adapter_parameter_count() == 0
+        )
+        if self.trained_last_experience:
+            super()._train_exp(experience, eval_streams, **kwargs)
 
     def make_optimizer(self, **kwargs: Any) -> None:
         # Avalanche's default hands frozen parameters to the optimizer too and mis-assigns

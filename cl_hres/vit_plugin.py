@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 
+import torch
 from avalanche.core import SupervisedPlugin
 
-from cl_hres.experience_data import eval_batches, experience_key, experiences_in_training
-from cl_hres.plugin_protocols import StatisticsPassListener
+from cl_hres.experience_data import (
+    eval_batches,
+    experience_key,
+    experiences_in_training,
+    model_features,
+)
+from cl_hres.plugin_protocols import ExpertAdmission, StatisticsPassListener
 
 __all__ = ["ContinualViTPlugin"]
 
@@ -16,8 +22,10 @@ class ContinualViTPlugin(SupervisedPlugin, supports_distributed=True):
     """Starts and ends experiences of a :class:`~cl_hres.model.ContinualViT`.
 
     Experts are created in ``after_train_dataset_adaptation``, which Avalanche runs before
-    ``make_optimizer``, so the new parameters reach the optimizer. After the experience,
-    one pass over its data feeds the statistics head and every
+    ``make_optimizer``, so the new parameters reach the optimizer; just before, when an
+    :class:`~cl_hres.plugin_protocols.ExpertAdmission` plugin asks for one, a forward pass
+    over the experience's data lets it decide which banks take an expert. After the
+    experience, one pass over its data feeds the statistics head and every
     :class:`~cl_hres.plugin_protocols.StatisticsPassListener` among the strategy's plugins.
     """
 
@@ -28,6 +36,8 @@ class ContinualViTPlugin(SupervisedPlugin, supports_distributed=True):
         self._pass_fed = False
 
     def after_train_dataset_adaptation(self, strategy, **kwargs) -> None:
+        if strategy.model.adds_experts:
+            self._admission_pass(strategy)
         strategy.model.begin_experience(
             [
                 # Class-incremental experiences built from plain datasets have no task labels.
@@ -36,6 +46,26 @@ class ContinualViTPlugin(SupervisedPlugin, supports_distributed=True):
             ]
         )
         strategy.model.to(strategy.device)
+
+    @torch.no_grad()
+    def _admission_pass(self, strategy) -> None:
+        contexts = [
+            ctx
+            for plugin in strategy.plugins
+            if isinstance(plugin, ExpertAdmission)
+            and (ctx := plugin.admission_pass(strategy)) is not None
+        ]
+        if not contexts:
+            return
+        model = strategy.model.to(strategy.device)
+        was_training = model.training
+        model.eval()
+        with ExitStack() as stack:
+            for ctx in contexts:
+                stack.enter_context(ctx)
+            for x, _, _ in eval_batches(strategy):
+                model_features(model, x)
+        model.train(was_training)
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         # The features before training, for drift compensation (a no-op without it). The

@@ -12,8 +12,10 @@ cd "$(dirname "$0")/.."
 export MPLBACKEND=Agg HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
 ALL=hres-nsp,hres,lora,lora-nsp,vpt,linear,finetune,joint,aper
 S="python scripts/sweep.py --seeds 0,1"
-NOREF='"fwt_reference": false'
+# Sweeps run before H-Res's rank became 64 and dormant banks existed pin both.
+NOREF='"fwt_reference": false, "rank": 32, "nsp_min_free_energy": 0'
 OLD="$NOREF, \"concat_pretrained\": false"  # the sweeps of the previous default
+NEW='"fwt_reference": false'  # sweeps run on the current defaults
 
 # 1. Sweeps that chose the defaults: validation split (20% of train), never the test split.
 if [ -z "${SKIP_SWEEPS:-}" ]; then
@@ -44,6 +46,19 @@ if [ -z "${SKIP_SWEEPS:-}" ]; then
     python scripts/sweep.py --seeds 0,1,2,3,4,5,6,7 --out results/sweeps/nsp-threshold-1se-lora-$sc \
       --base "{\"strategy\": \"lora-nsp\", \"scenario\": \"$sc\", $NOREF}" \
       --grid '{"nsp_threshold": [1e-4, 1e-5, 1e-6, 1e-7, 1e-8]}' --select nsp_threshold:min --plot-x nsp_threshold
+  done
+  # H-Res's and LoRA's ranks (8 folds, one-SE rule, smallest rank that qualifies in
+  # both scenarios), and the admission threshold of dormant banks (flat: reported).
+  for sc in class task; do
+    python scripts/sweep.py --seeds 0,1,2,3,4,5,6,7 --out results/sweeps/hres-rank-$sc \
+      --base "{\"strategy\": \"hres-nsp\", \"scenario\": \"$sc\", $NEW}" \
+      --grid '{"rank": [8, 16, 32, 64, 96]}' --select rank:min --plot-x rank
+    python scripts/sweep.py --seeds 0,1,2,3,4,5,6,7 --out results/sweeps/lora-nsp-rank-$sc \
+      --base "{\"strategy\": \"lora-nsp\", \"scenario\": \"$sc\", $NEW}" \
+      --grid '{"lora_rank": [4, 8, 16]}' --select lora_rank:min --plot-x lora_rank
+    python scripts/sweep.py --seeds 0,1,2,3,4,5,6,7 --out results/sweeps/nsp-min-free-energy-lora-$sc \
+      --base "{\"strategy\": \"lora-nsp\", \"scenario\": \"$sc\", $NEW}" \
+      --grid '{"nsp_min_free_energy": [0, 1e-6, 1e-5, 1e-4]}'
   done
   # RanPAC's random ReLU projection before the ridge head (the head is shared: 0 unless
   # it helps the protected strategies).
@@ -100,8 +115,9 @@ cl-hres analyze --run results/split-digits-class/lora-nsp/seed0 > /dev/null
 cp results/split-digits-class/lora-nsp/seed0/analysis.md results/analysis-lora-nsp.md
 
 # 4. How selective the directions an NSP expert may learn in can be (validation data).
-python scripts/nsp_selectivity.py --out results/nsp-selectivity --seed 0 > /dev/null
-# The previous default (1e-4), for the free-energy shares quoted in the README.
-cl-hres run --nsp-threshold 1e-4 --no-fwt-reference --out results/threshold-1e-4/runs/seed0 --overwrite --no-progress > /dev/null 2>&1
+python scripts/nsp_selectivity.py --out results/nsp-selectivity --seed 0 --set '{"rank": 32}' > /dev/null
+# The previous default (1e-4, rank 32, every open bank takes an expert), for the
+# free-energy shares quoted in the README.
+cl-hres run --nsp-threshold 1e-4 --rank 32 --nsp-min-free-energy 0 --no-fwt-reference --out results/threshold-1e-4/runs/seed0 --overwrite --no-progress > /dev/null 2>&1
 cl-hres analyze --run results/threshold-1e-4/runs/seed0 > /dev/null
 cp results/threshold-1e-4/runs/seed0/analysis.md results/analysis-threshold-1e-4.md

@@ -60,7 +60,9 @@ def test_fused_experts_equal_per_expert_loop():
     x = torch.randn(3, 5, 32)
     for bank in model.banks:
         assert bank.num_experts == 3
-        torch.testing.assert_close(bank(x), bank.forward_per_expert(x), rtol=1e-5, atol=1e-6)
+        # Outputs of order 10 (three rank-64 experts, unit-normal up weights): float32
+        # summation order differs by a few 1e-6.
+        torch.testing.assert_close(bank(x), bank.forward_per_expert(x), rtol=1e-5, atol=1e-5)
 
 
 def test_dropout_is_off_in_training_mode():

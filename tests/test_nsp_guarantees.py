@@ -277,7 +277,7 @@ def digits_stream():
     )
 
 
-def _naive_run(stream, order):
+def _naive_run(stream, order, nsp_config=None):
     """The README's reuse: the plugins on a plain Avalanche Naive strategy."""
     from avalanche.evaluation.metrics import accuracy_metrics
     from avalanche.training.plugins import EvaluationPlugin
@@ -289,7 +289,7 @@ def _naive_run(stream, order):
     torch.manual_seed(0)
     model = _hres_model()
     plugins = {
-        "nsp": NullSpaceProjectionPlugin(NullSpaceConfig(threshold=1e-6)),
+        "nsp": NullSpaceProjectionPlugin(nsp_config or NullSpaceConfig(threshold=1e-6)),
         "vit": ContinualViTPlugin(),
         "drift": FeatureDriftPlugin(),
     }
@@ -330,6 +330,29 @@ def test_plugin_order_does_not_change_results(digits_stream):
     interference = {j: d["relative"] for j, d in b["drift"].history[-1]["drift"].items()}
     assert b["nsp"].history[-1]["interference"] == interference
     assert b["nsp"].history[-1]["experts"] == [b_.num_experts for b_ in b["nsp"].guard.banks]
+    # Block 0 keeps the exact null space of 16-pixel patches, which new digits do not
+    # reach either: it is dormant for the second experience, whichever plugin runs first.
+    assert a["nsp"].history[-1]["dormant"] == [0]
+    assert a["nsp"].history[-1]["experts"] == [1, 1]
+
+
+def test_a_dormant_bank_loses_nothing_its_expert_would_have_learned(digits_stream):
+    """Without the admission check block 0 takes a second expert; it learns nothing."""
+    with_check, p_check, rows_check = _naive_run(digits_stream, ["vit", "nsp"])
+    without, p_all, rows_all = _naive_run(
+        digits_stream, ["vit", "nsp"], NullSpaceConfig(threshold=1e-6, min_free_energy=0)
+    )
+    assert p_all["nsp"].history[-1]["experts"] == [2, 1]
+    assert p_all["nsp"].history[-1]["free_energy"][0] < 1e-6
+    assert with_check.model.adapter_parameter_count() < without.model.adapter_parameter_count()
+    assert rows_check == rows_all
+    x = torch.cat(
+        [digits_stream.test_stream[i].dataset[j][0][None] for i in range(2) for j in range(32)]
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(
+            with_check.model.features(x), without.model.features(x), rtol=1e-4, atol=1e-4
+        )
 
 
 def test_probes_are_stratified_over_the_experience_classes(digits_stream, monkeypatch):

@@ -1,5 +1,7 @@
 """Null-space projection: projector algebra and protection of old features."""
 
+import sys
+
 import pytest
 import torch
 from _helpers import make_vit
@@ -249,6 +251,9 @@ def test_collecting_copies_no_statistics_in_one_process(monkeypatch):
         {"rule": "ratio", "threshold": 0.5},
         {"eta": 0},
         {"eta": 1.2},
+        {"min_free_energy": -1e-6},
+        {"min_free_energy": 1.0},
+        {"min_free_energy": float("nan")},
     ],
 )
 def test_bad_nsp_configs(kwargs):
@@ -303,9 +308,14 @@ def test_covariance_shares_the_head_statistics_pass(head, monkeypatch):
     from cl_hres.experience_data import eval_batches
 
     passes = []
+
+    def counted(strategy):  # records which function asked for a pass over the data
+        passes.append(sys._getframe(1).f_code.co_name)
+        return eval_batches(strategy)
+
     # Both plugins can make the pass: the head's (vit_plugin) or the covariance's own.
     for module in (cl_hres.vit_plugin, cl_hres.nsp_plugin):
-        monkeypatch.setattr(module, "eval_batches", lambda s: passes.append(1) or eval_batches(s))
+        monkeypatch.setattr(module, "eval_batches", counted)
     strategy = HResNSP(
         model=make_vit(),
         train_mb_size=64,
@@ -321,8 +331,12 @@ def test_covariance_shares_the_head_statistics_pass(head, monkeypatch):
     for acc in strategy.nsp_plugin.guard.accumulators:
         assert acc.token_counts() == [images, 4 * images]
     # ...in one pass over the data per experience: the head's when there is one, else
-    # the plugin's own.
-    assert len(passes) == 2
+    # the plugin's own; plus, from the second experience on, the admission pass made
+    # before the experience's experts exist.
+    assert sorted(passes) == sorted(
+        ["statistics_pass_once" if head == "ridge" else "after_training_exp"] * 2
+        + ["_admission_pass"]
+    )
 
 
 @pytest.mark.parametrize("separate_prefix", [True, False])
@@ -357,3 +371,47 @@ def test_free_energy_is_the_inputs_share_in_the_null_space(separate_prefix):
     assert guard.free_energy[0][0] == pytest.approx(0.5, abs=1e-4)
     # The measurement reads the projector the pass was trained under, before refreshing.
     assert guard.null_dims == [3]  # 4, 6, 7
+
+
+def test_admission_makes_a_bank_dormant_where_new_inputs_miss_its_free_directions():
+    """Bank 0's new inputs lie in the old span (share 0), bank 1's have 1% off it."""
+    from cl_hres.experts import ExpertBank
+
+    torch.manual_seed(0)
+    banks = [ExpertBank(6, 6, rank=2, scale=1.0) for _ in range(2)]
+    for bank in banks:
+        bank.add_expert()
+    guard = NullSpaceGuard(banks, NullSpaceConfig(rule="relative", threshold=1e-6))
+
+    def forward(pair):
+        return [bank(x) for bank, x in zip(banks, pair)]
+
+    def inputs(faint=None):
+        x = torch.zeros(256, 6)
+        x[:, :3] = torch.randn(256, 3)
+        if faint is not None:
+            x[:, faint] = 0.1 * torch.randn(256)
+        return x
+
+    assert not guard.needs_admission_pass  # no projector yet: nothing to decide
+    guard.collect(forward, [(inputs(), inputs())])
+    assert guard.null_dims == [3, 3] and guard.needs_admission_pass
+    sums = [a.sums.clone() for a in guard.accumulators]
+    with guard.admitting():
+        forward((inputs(), inputs(faint=4)))
+    # The old statistics and projectors are untouched by the admission pass.
+    assert all(torch.equal(a.sums, b) for a, b in zip(guard.accumulators, sums))
+    assert guard.null_dims == [3, 3]
+    dormant_share, open_share = guard.admission_energy
+    assert dormant_share < 1e-9
+    assert open_share == pytest.approx(0.01 / 3.01, rel=0.3)
+    assert guard.dormant_banks == [0]
+    assert [bank.add_expert() for bank in banks] == [None, "expert1"]
+    assert [bank.num_experts for bank in banks] == [1, 2]
+    assert banks[0].trainable_down_weights() == []  # its old expert is frozen all the same
+    # Dormancy lasts one experience.
+    guard.wake()
+    assert banks[0].accepts_experts and guard.dormant_banks == []
+    # 0 turns the check off: no pass is asked for.
+    off = NullSpaceGuard(banks, NullSpaceConfig(threshold=1e-6, min_free_energy=0))
+    assert not off.needs_admission_pass

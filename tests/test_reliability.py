@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from cl_hres.cli import main
 
 # Forward-transfer references double a run; tests/test_forward_transfer.py covers them.
-FAST = ["--epochs", "1", "--no-progress", "--no-fwt-reference"]
+# Every experience trains (see _helpers.TINY).
+FAST = ["--epochs", "1", "--no-progress", "--no-fwt-reference", "--nsp-min-free-energy", "0"]
 
 
 def _results(path: Path) -> dict:
@@ -171,6 +172,24 @@ def test_resume_refuses_a_different_run(tmp_path, capsys, tiny_run):
     assert _snapshot(out) == before
 
 
+def test_a_run_saved_before_an_option_existed_resumes_as_it_started(tmp_path, capsys, tiny_run):
+    """Runs saved before nsp_min_free_energy existed gave every bank an expert: 0."""
+    out = _copy(tiny_run.out, tmp_path)
+    (out / "results.json").unlink()
+    for path in [out / "config.json", *(out / "checkpoints").glob("exp*/state.json")]:
+        saved = json.loads(path.read_text())
+        config = saved.get("config", saved)
+        del config["nsp_min_free_energy"]
+        path.write_text(json.dumps(saved))
+    assert main(["run", "--resume", "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "config.json").read_text())["nsp_min_free_energy"] == 0.0
+    # Asking for the new default on resume is a change of learning settings: refused.
+    (out / "results.json").unlink()
+    capsys.readouterr()
+    assert main(["run", "--resume", "--out", str(out), "--nsp-min-free-energy", "1e-6"]) == 2
+    assert "nsp_min_free_energy" in capsys.readouterr().err
+
+
 def test_corrupt_checkpoint_is_refused_without_unpickling(tmp_path, capsys, tiny_run):
     out = _copy(tiny_run.out, tmp_path)
     (out / "results.json").unlink()
@@ -200,6 +219,7 @@ def test_package_never_uses_pickle_loading():
         (["--nsp-threshold", "2"], "threshold"),
         (["--nsp-rule", "svd"], "rule"),
         (["--nsp-eta", "1.5"], "eta"),
+        (["--nsp-min-free-energy", "1"], "min_free_energy"),
         (["--lr", "nan"], "lr"),
         (["--scale", "inf"], "scale"),
         (["--lora-targets", "ffn"], "lora targets"),

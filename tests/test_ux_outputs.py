@@ -11,7 +11,8 @@ from _helpers import TINY, interrupt_on_second_call
 from cl_hres.cli import main
 
 # Forward-transfer references double a run; tests/test_forward_transfer.py covers them.
-FAST = ["--epochs", "1", "--no-progress", "--no-fwt-reference"]
+# Every experience trains (see _helpers.TINY).
+FAST = ["--epochs", "1", "--no-progress", "--no-fwt-reference", "--nsp-min-free-energy", "0"]
 
 
 def _results(path: Path) -> dict:
@@ -210,3 +211,22 @@ def test_check_output_dir_ignores_leftovers_of_failed_runs(tmp_path):
     (out / "results.json").write_text("{}")
     with pytest.raises(ConfigError, match="already holds results"):
         check_output_dir(out, resume=False, overwrite=False)
+
+
+def test_experiences_that_can_learn_nothing_run_no_step_and_log_no_loss(tmp_path):
+    """Default hres-nsp on split-digits: after the first experience every bank is closed
+    (blocks 1-5) or dormant (block 0), so no SGD step runs and no epoch loss is logged."""
+    from cl_hres.data import load_digits_data
+
+    out = tmp_path / "out"
+    argv = ["run", "--out", str(out), "--experiences", "3", "--epochs", "1", "--no-progress"]
+    assert main([*argv, "--no-fwt-reference"]) == 0
+    res = _results(out)
+    history = res["null_space"]
+    assert [h["dormant"] for h in history] == [[], [0], [0]]
+    assert all(h["experts"] == [1] * 6 for h in history)
+    assert res["trainable_parameters"]["adapter_last_experience"] == 0
+    assert len(_scalars(out)["Loss_Epoch/train_phase/train_stream"]) == 1
+    # The throughput counts the images of the experience that trained (4 of 10 classes).
+    images = res["timing"]["train_images"]
+    assert 0.3 * len(load_digits_data().train) < images < 0.5 * len(load_digits_data().train)
