@@ -190,7 +190,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _print_summary({results["strategy"]: results})
     t = results["timing"]
     print(
-        f"throughput: {t['train_images']} training images in {t['train_seconds']:.1f} s "
+        f"throughput: {t['train_images']} training images in {t['stepping_seconds']:.1f} s "
         f"({t['train_images_per_s']:.1f} images/s); wall time {t['wall_seconds']:.1f} s"
     )
     print(f"results: {args.out / 'results.json'}")

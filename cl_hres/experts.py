@@ -108,8 +108,8 @@ class ExpertBank(nn.Module):
         ``down`` gets nn.Linear's default (Kaiming-uniform) init and ``up`` is zero, so a
         fresh expert adds exactly zero to the output. The expert gets the wrapped layer's
         device and dtype. A bank that does not :attr:`accepts_experts` gets no expert: its
-        ``down`` weights would be projected to (nearly) zero, and the dead expert would
-        still cost two matmuls at inference.
+        ``down`` weights could read (almost) nothing of the inputs, and the dead expert
+        would still cost two matmuls at inference.
 
         Args:
             device: Overrides the wrapped layer's device.

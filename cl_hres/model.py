@@ -302,12 +302,21 @@ class ContinualViT(nn.Module):
         """
         if x.is_floating_point():
             x = x.to(self.backbone_dtype)
-        adapted = self._backbone_features(x)
+        adapted = self.adapted_features(x)  # the cast there is then a no-op
         if not self.concat_pretrained:
             return adapted
         with self.experts_disabled(), torch.no_grad():
             pretrained = self._backbone_features(x)
         return torch.cat([pretrained, adapted], dim=-1)
+
+    def adapted_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-logits features of the adapted backbone alone (no pretrained half).
+
+        Images are cast to the backbone's dtype as in :meth:`features`.
+        """
+        if x.is_floating_point():
+            x = x.to(self.backbone_dtype)
+        return self._backbone_features(x)
 
     def _backbone_features(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.backbone.forward_features(x)

@@ -250,9 +250,16 @@ class NullSpaceGuard:
 
     @property
     def needs_admission_pass(self) -> bool:
-        """Whether :meth:`admitting` could make a bank dormant (a projector constrains it)."""
-        return self.config.min_free_energy > 0 and any(
-            s.ready and not s.closed for s in self.states
+        """Whether :meth:`admitting` could make a bank dormant.
+
+        Only once a projector constrains a bank, and never with a relaxation that lets
+        through at least ``min_free_energy`` of every input (``P_η ⪰ (1 − η)·I``).
+        """
+        cfg = self.config
+        return (
+            0 < cfg.min_free_energy
+            and 1 - cfg.eta < cfg.min_free_energy
+            and any(s.ready and not s.closed for s in self.states)
         )
 
     @property

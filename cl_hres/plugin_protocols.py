@@ -10,7 +10,7 @@
   data made before its experts are created, which expert banks take one (NSP: not those
   whose free directions the new data does not reach).
 
-Both are abstract base classes, so a plugin says what it is by inheriting, not by
+All three are abstract base classes, so a plugin says what it is by inheriting, not by
 happening to have a method of the right name.
 """
 

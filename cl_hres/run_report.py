@@ -100,14 +100,19 @@ def _timing(session: Session) -> dict[str, Any]:
     state, cfg = session.state, session.prep.config
     if state.train_images is not None:
         train_images = sum(state.train_images)
-    else:  # a run resumed from a checkpoint that did not record them: every epoch ran
+        # The rate over the steps that trained: the others ran no SGD step.
+        seconds = sum(s for s, n in zip(state.train_seconds, state.train_images) if n)
+    else:  # resumed from a checkpoint that did not record them: nominal, every epoch
         train_images = cfg.epochs * sum(len(exp.dataset) for exp in session.stream.train_stream)
+        seconds = sum(state.train_seconds)
     return {
         "train_seconds": sum(state.train_seconds),
         "per_experience": state.train_seconds,
-        # Images through training steps (all epochs) and their rate over train_seconds.
+        # Images through training steps (all epochs) and their rate over the seconds of
+        # the steps that ran any.
         "train_images": train_images,
-        "train_images_per_s": train_images / max(sum(state.train_seconds), 1e-9),
+        "stepping_seconds": seconds,
+        "train_images_per_s": train_images / max(seconds, 1e-9),
         # This call of execute, start to results (a resumed run: since resuming).
         "wall_seconds": time.perf_counter() - session.started_at,
         "loader": session.loader.to_dict(),

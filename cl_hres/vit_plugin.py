@@ -7,12 +7,7 @@ from contextlib import ExitStack
 import torch
 from avalanche.core import SupervisedPlugin
 
-from cl_hres.experience_data import (
-    eval_batches,
-    experience_key,
-    experiences_in_training,
-    model_features,
-)
+from cl_hres.experience_data import eval_batches, experience_key, experiences_in_training
 from cl_hres.plugin_protocols import ExpertAdmission, StatisticsPassListener
 
 __all__ = ["ContinualViTPlugin"]
@@ -60,12 +55,18 @@ class ContinualViTPlugin(SupervisedPlugin, supports_distributed=True):
         model = strategy.model.to(strategy.device)
         was_training = model.training
         model.eval()
-        with ExitStack() as stack:
-            for ctx in contexts:
-                stack.enter_context(ctx)
-            for x, _, _ in eval_batches(strategy):
-                model_features(model, x)
-        model.train(was_training)
+        # Iterating a DataLoader draws from the global generator: forked, so that the
+        # experts and head rows created next are initialised as without the pass.
+        try:
+            with torch.random.fork_rng(devices=[]), ExitStack() as stack:
+                for ctx in contexts:
+                    stack.enter_context(ctx)
+                for x, _, _ in eval_batches(strategy):
+                    # The banks' inputs only: the pretrained half of concatenated
+                    # features is not read by any expert.
+                    model.adapted_features(x)
+        finally:
+            model.train(was_training)
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         # The features before training, for drift compensation (a no-op without it). The

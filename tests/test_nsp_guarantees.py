@@ -336,6 +336,23 @@ def test_plugin_order_does_not_change_results(digits_stream):
     assert a["nsp"].history[-1]["experts"] == [1, 1]
 
 
+def test_the_admission_pass_leaves_the_random_state_alone(digits_stream, monkeypatch):
+    """Experts and head rows created after the pass are initialised as without it."""
+    from cl_hres.plugins import ContinualViTPlugin
+
+    original = ContinualViTPlugin._admission_pass
+    changed = []
+
+    def watched(self, strategy):
+        before = torch.get_rng_state()
+        original(self, strategy)
+        changed.append(not torch.equal(before, torch.get_rng_state()))
+
+    monkeypatch.setattr(ContinualViTPlugin, "_admission_pass", watched)
+    _naive_run(digits_stream, ["vit", "nsp"])
+    assert changed == [False, False]  # both experiences asked; the second made a pass
+
+
 def test_a_dormant_bank_loses_nothing_its_expert_would_have_learned(digits_stream):
     """Without the admission check block 0 takes a second expert; it learns nothing."""
     with_check, p_check, rows_check = _naive_run(digits_stream, ["vit", "nsp"])

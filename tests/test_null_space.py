@@ -415,3 +415,6 @@ def test_admission_makes_a_bank_dormant_where_new_inputs_miss_its_free_direction
     # 0 turns the check off: no pass is asked for.
     off = NullSpaceGuard(banks, NullSpaceConfig(threshold=1e-6, min_free_energy=0))
     assert not off.needs_admission_pass
+    # ...as does a relaxation that lets through 1 − η ≥ the threshold of every input.
+    relaxed = NullSpaceGuard(banks, NullSpaceConfig(threshold=1e-6, eta=0.9))
+    assert not relaxed.needs_admission_pass

@@ -181,8 +181,14 @@ def test_a_run_saved_before_an_option_existed_resumes_as_it_started(tmp_path, ca
         config = saved.get("config", saved)
         del config["nsp_min_free_energy"]
         path.write_text(json.dumps(saved))
+    # The last experience is trained again, as the run started: block 0 (whose free
+    # directions the new digits do not reach) takes its expert, no bank is dormant.
+    last = sorted((out / "checkpoints").glob("exp*"))[-1]
+    shutil.rmtree(last)
     assert main(["run", "--resume", "--out", str(out), "--no-progress"]) == 0
     assert json.loads((out / "config.json").read_text())["nsp_min_free_energy"] == 0.0
+    history = json.loads((out / "results.json").read_text())["null_space"]
+    assert history[-1]["dormant"] == [] and history[-1]["experts"][0] == 3
     # Asking for the new default on resume is a change of learning settings: refused.
     (out / "results.json").unlink()
     capsys.readouterr()
