@@ -54,7 +54,7 @@ def _check_blocks(blocks: tuple[int, ...] | None) -> tuple[int, ...] | None:
 class HResConfig:
     """H-Res expert bottleneck adapters in parallel to ViT blocks."""
 
-    rank: int = field(default=64, metadata={"help": "Bottleneck width r of every expert."})
+    rank: int = field(default=32, metadata={"help": "Bottleneck width r of every expert."})
     scale: float = field(default=1.0, metadata={"help": "λ multiplying the experts' sum."})
     blocks: tuple[int, ...] | None = field(
         default=None,

@@ -12,8 +12,8 @@ cd "$(dirname "$0")/.."
 export MPLBACKEND=Agg HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
 ALL=hres-nsp,hres,lora,lora-nsp,vpt,linear,finetune,joint,aper
 S="python scripts/sweep.py --seeds 0,1"
-# Sweeps run before H-Res's rank became 64 and dormant banks existed pin both.
-NOREF='"fwt_reference": false, "rank": 32, "nsp_min_free_energy": 0'
+# Sweeps run before dormant banks existed pin them off.
+NOREF='"fwt_reference": false, "nsp_min_free_energy": 0'
 OLD="$NOREF, \"concat_pretrained\": false"  # the sweeps of the previous default
 NEW='"fwt_reference": false'  # sweeps run on the current defaults
 
@@ -48,7 +48,8 @@ if [ -z "${SKIP_SWEEPS:-}" ]; then
       --grid '{"nsp_threshold": [1e-4, 1e-5, 1e-6, 1e-7, 1e-8]}' --select nsp_threshold:min --plot-x nsp_threshold
   done
   # H-Res's and LoRA's ranks (8 folds, one-SE rule, smallest rank that qualifies in
-  # both scenarios), and the admission threshold of dormant banks (flat: reported).
+  # both scenarios; H-Res also on the random-init backbone), and the admission
+  # threshold of dormant banks (flat: reported).
   for sc in class task; do
     python scripts/sweep.py --seeds 0,1,2,3,4,5,6,7 --out results/sweeps/hres-rank-$sc \
       --base "{\"strategy\": \"hres-nsp\", \"scenario\": \"$sc\", $NEW}" \
@@ -60,6 +61,9 @@ if [ -z "${SKIP_SWEEPS:-}" ]; then
       --base "{\"strategy\": \"lora-nsp\", \"scenario\": \"$sc\", $NEW}" \
       --grid '{"nsp_min_free_energy": [0, 1e-6, 1e-5, 1e-4]}'
   done
+  python scripts/sweep.py --seeds 0,1,2,3 --out results/sweeps/hres-rank-random-init \
+    --base "{\"strategy\": \"hres-nsp\", \"pretrained\": false, $NEW}" \
+    --grid '{"rank": [32, 64]}' --select rank:min --plot-x rank
   # RanPAC's random ReLU projection before the ridge head (the head is shared: 0 unless
   # it helps the protected strategies).
   python scripts/sweep.py --seeds 0,1,2,3,4,5,6,7 --out results/sweeps/ridge-projection --base "{$NOREF}" \

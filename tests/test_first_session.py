@@ -101,4 +101,4 @@ def test_run_config_rejects_concatenation_without_experts():
 
     with pytest.raises(ConfigError, match="concat_pretrained"):
         RunConfig(strategy="linear", concat_pretrained=True)
-    assert RunConfig(strategy="aper").method_config().rank == 64
+    assert RunConfig(strategy="aper").method_config().rank == 32
