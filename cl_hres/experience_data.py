@@ -2,12 +2,13 @@
 
 Helpers shared by the plugins of :mod:`cl_hres.plugins`: which experiences a ``train``
 call covers, a key for "this experience", and passes over its data with evaluation
-transforms (the statistics pass, the probe images).
+transforms (the statistics pass, the probe images), made in eval mode (:func:`evaluating`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -16,6 +17,7 @@ from cl_hres import distributed
 
 __all__ = [
     "eval_batches",
+    "evaluating",
     "experience_key",
     "experiences_in_training",
     "model_features",
@@ -60,6 +62,17 @@ def eval_batches(strategy) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.T
             y.to(device, non_blocking=True),
             t.to(device, non_blocking=True),
         )
+
+
+@contextmanager
+def evaluating(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Within the block ``module`` is in eval mode; its previous mode comes back after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def model_features(model, x: torch.Tensor) -> torch.Tensor:

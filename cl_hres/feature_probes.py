@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cl_hres.experience_data import experience_key, model_features, probe_batch
+from cl_hres.experience_data import evaluating, experience_key, model_features, probe_batch
 
 __all__ = ["FeatureProbes", "class_spread"]
 
@@ -82,11 +82,9 @@ class FeatureProbes:
         """
         key = experience_key(strategy)
         if self._updated_at != key:
-            was_training = model.training
-            model.eval()
-            self._last = self.drift(model)
-            self.add(model, strategy)
-            model.train(was_training)
+            with evaluating(model):
+                self._last = self.drift(model)
+                self.add(model, strategy)
             self._updated_at = key
         return self._last
 

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from cl_hres.experience_data import evaluating
+
 __all__ = ["ReferenceCache", "forward_transfer_summary", "reference_key", "within_accuracy"]
 
 # Fields of a run's config that do not change what a one-experience reference learns.
@@ -105,22 +107,20 @@ def within_accuracy(
     batch_size: int,
 ) -> float:
     """Accuracy on ``experience``'s data (eval transforms), logits restricted to ``classes``."""
-    was_training = model.training
-    model.eval()
-    loader = DataLoader(experience.dataset.eval(), batch_size=batch_size, shuffle=False)
-    allowed: torch.Tensor | None = None
-    correct = total = 0
-    for batch in loader:
-        x, y = batch[0].to(device), batch[1].to(device)
-        t = batch[2].to(device) if len(batch) >= 3 else torch.zeros_like(y)
-        logits = model(x, t).float()
-        if allowed is None:
-            allowed = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
-            allowed[[c for c in classes if c < logits.shape[1]]] = True
-        pred = logits.masked_fill(~allowed, float("-inf")).argmax(1)
-        correct += int((pred == y).sum())
-        total += len(y)
-    model.train(was_training)
+    with evaluating(model):
+        loader = DataLoader(experience.dataset.eval(), batch_size=batch_size, shuffle=False)
+        allowed: torch.Tensor | None = None
+        correct = total = 0
+        for batch in loader:
+            x, y = batch[0].to(device), batch[1].to(device)
+            t = batch[2].to(device) if len(batch) >= 3 else torch.zeros_like(y)
+            logits = model(x, t).float()
+            if allowed is None:
+                allowed = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+                allowed[[c for c in classes if c < logits.shape[1]]] = True
+            pred = logits.masked_fill(~allowed, float("-inf")).argmax(1)
+            correct += int((pred == y).sum())
+            total += len(y)
     return correct / max(total, 1)
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from cl_hres import distributed, registry
 from cl_hres.config import HEAD_CHOICES
 from cl_hres.errors import ConfigError
+from cl_hres.experience_data import evaluating
 from cl_hres.experts import ExpertBank
 from cl_hres.heads import NCMHead, RidgeHead, StatisticsHead
 from cl_hres.vit_adapters import check_vit
@@ -209,12 +210,10 @@ class ContinualViT(nn.Module):
         if not (self.drift_compensation and self.has_statistics_pass and self.stats_heads):
             self._features_before = None
             return
-        was_training = self.training
-        self.eval()
-        self._features_before = torch.cat(
-            [self.features(x.to(self.device)).double() for x, _, _ in batches]
-        )
-        self.train(was_training)
+        with evaluating(self):
+            self._features_before = torch.cat(
+                [self.features(x.to(self.device)).double() for x, _, _ in batches]
+            )
 
     def _compensate_drift(self, after: torch.Tensor) -> None:
         """Maps every existing head's statistics through the drift estimated on this data."""
@@ -242,13 +241,12 @@ class ContinualViT(nn.Module):
         """
         if not self.has_statistics_pass:
             return
-        was_training = self.training
-        self.eval()
         feats, labels, tasks = [], [], []
-        for x, y, task in batches:
-            feats.append(self.features(x.to(self.device)).float())
-            labels.append(y.to(self.device))
-            tasks.append(task.to(self.device))
+        with evaluating(self):
+            for x, y, task in batches:
+                feats.append(self.features(x.to(self.device)).float())
+                labels.append(y.to(self.device))
+                tasks.append(task.to(self.device))
         f, y, task = torch.cat(feats), torch.cat(labels), torch.cat(tasks)
         if self._features_before is not None:
             self._compensate_drift(f.double())
@@ -265,7 +263,6 @@ class ContinualViT(nn.Module):
             for k, v in head.statistics().items():
                 distributed.all_reduce_increment_(v, before[t][k])
             head.fit()
-        self.train(was_training)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters an optimizer should receive now."""
@@ -300,27 +297,26 @@ class ContinualViT(nn.Module):
         Images are cast to the backbone's dtype, so a bfloat16 backbone takes float32
         batches (a no-op for a float32 backbone; autocast still applies on top).
         """
-        if x.is_floating_point():
-            x = x.to(self.backbone_dtype)
-        adapted = self.adapted_features(x)  # the cast there is then a no-op
+        x = self._cast_input(x)  # once for both halves
+        adapted = self.backbone_features(x)
         if not self.concat_pretrained:
             return adapted
         with self.experts_disabled(), torch.no_grad():
-            pretrained = self._backbone_features(x)
+            pretrained = self.backbone_features(x)
         return torch.cat([pretrained, adapted], dim=-1)
 
-    def adapted_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pre-logits features of the adapted backbone alone (no pretrained half).
+    def backbone_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-logits features of the backbone as it is, without a pretrained half.
 
-        Images are cast to the backbone's dtype as in :meth:`features`.
+        Its experts are on unless switched off (:meth:`experts_disabled`); images are
+        cast to the backbone's dtype as in :meth:`features`.
         """
-        if x.is_floating_point():
-            x = x.to(self.backbone_dtype)
-        return self._backbone_features(x)
-
-    def _backbone_features(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.backbone.forward_features(x)
+        tokens = self.backbone.forward_features(self._cast_input(x))
         return self.backbone.forward_head(tokens, pre_logits=True)
+
+    def _cast_input(self, x: torch.Tensor) -> torch.Tensor:
+        # A no-op for a float32 backbone or an already cast batch (``.to`` returns ``x``).
+        return x.to(self.backbone_dtype) if x.is_floating_point() else x
 
     @contextmanager
     def experts_disabled(self) -> Iterator[None]:

@@ -10,7 +10,7 @@ from avalanche.core import SupervisedPlugin
 
 from cl_hres.config import NullSpaceConfig
 from cl_hres.drift_plugin import FeatureDriftPlugin
-from cl_hres.experience_data import eval_batches, model_features
+from cl_hres.experience_data import eval_batches, evaluating, model_features
 from cl_hres.feature_probes import FeatureProbes
 from cl_hres.metrics import plugin_scalars
 from cl_hres.null_space import NullSpaceGuard
@@ -146,12 +146,9 @@ class NullSpaceProjectionPlugin(
         # The shared pass feeds us whatever the plugin order (it runs once per experience);
         # without one (a linear head, another strategy) the covariance needs its own pass.
         if vit is None or not vit.statistics_pass_once(strategy):
-            was_training = model.training
-            model.eval()
-            with guard.collecting():
+            with evaluating(model), guard.collecting():
                 for x, _, _ in eval_batches(strategy):
                     model_features(model, x)
-            model.train(was_training)
         # The covariance and projectors are up to date before the history is written.
         drift = self._probes(strategy).update(model, strategy)
         self.history.append(

@@ -226,11 +226,7 @@ class NullSpaceGuard:
         Passes that no bank needs (first experience, every bank closed) can be skipped:
         :attr:`needs_admission_pass`.
         """
-        pending = {
-            i: s.covariance.empty_like()
-            for i, s in enumerate(self.states)
-            if s.ready and not s.closed
-        }
+        pending = {i: self.states[i].covariance.empty_like() for i in self._constrained_open()}
         handles = [
             self.banks[i].register_forward_pre_hook(_make_hook(a)) for i, a in pending.items()
         ]
@@ -259,8 +255,12 @@ class NullSpaceGuard:
         return (
             0 < cfg.min_free_energy
             and 1 - cfg.eta < cfg.min_free_energy
-            and any(s.ready and not s.closed for s in self.states)
+            and bool(self._constrained_open())
         )
+
+    def _constrained_open(self) -> list[int]:
+        """Banks a projector constrains that still have a free direction."""
+        return [i for i, s in enumerate(self.states) if s.ready and not s.closed]
 
     @property
     def dormant_banks(self) -> list[int]:

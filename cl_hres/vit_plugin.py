@@ -7,7 +7,12 @@ from contextlib import ExitStack
 import torch
 from avalanche.core import SupervisedPlugin
 
-from cl_hres.experience_data import eval_batches, experience_key, experiences_in_training
+from cl_hres.experience_data import (
+    eval_batches,
+    evaluating,
+    experience_key,
+    experiences_in_training,
+)
 from cl_hres.plugin_protocols import ExpertAdmission, StatisticsPassListener
 
 __all__ = ["ContinualViTPlugin"]
@@ -53,20 +58,15 @@ class ContinualViTPlugin(SupervisedPlugin, supports_distributed=True):
         if not contexts:
             return
         model = strategy.model.to(strategy.device)
-        was_training = model.training
-        model.eval()
         # Iterating a DataLoader draws from the global generator: forked, so that the
         # experts and head rows created next are initialised as without the pass.
-        try:
-            with torch.random.fork_rng(devices=[]), ExitStack() as stack:
-                for ctx in contexts:
-                    stack.enter_context(ctx)
-                for x, _, _ in eval_batches(strategy):
-                    # The banks' inputs only: the pretrained half of concatenated
-                    # features is not read by any expert.
-                    model.adapted_features(x)
-        finally:
-            model.train(was_training)
+        with evaluating(model), torch.random.fork_rng(devices=[]), ExitStack() as stack:
+            for ctx in contexts:
+                stack.enter_context(ctx)
+            for x, _, _ in eval_batches(strategy):
+                # The banks' inputs only: the pretrained half of concatenated features
+                # is not read by any expert.
+                model.backbone_features(x)
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         # The features before training, for drift compensation (a no-op without it). The
