@@ -26,6 +26,7 @@ import torch
 from cl_hres import _warnings, null_space
 from cl_hres.cli_options import OneLineParser
 from cl_hres.errors import ConfigError
+from cl_hres.fileio import atomic_write_text
 from cl_hres.run_config import RunConfig
 from cl_hres.runner import execute, prepare
 
@@ -95,8 +96,9 @@ def main() -> int:
         total = normalised(b, sum(p[b] for p in passes))
         evals = torch.linalg.eigvalsh(total).flip(0).clamp_min(1e-300)
         spectra.append((evals / evals[0]).log10().tolist())
-    (args.out / "selectivity.json").write_text(
-        json.dumps({"options": options, "rows": rows, "log10_relative_spectra": spectra})
+    atomic_write_text(
+        args.out / "selectivity.json",
+        json.dumps({"options": options, "rows": rows, "log10_relative_spectra": spectra}),
     )
     lines = [
         f"Options {json.dumps(options)}, seed {args.seed}, {args.validation:.0%} validation.",
@@ -124,7 +126,7 @@ def main() -> int:
     for b, spectrum in enumerate(spectra):
         cells = [f"{spectrum[i]:.1f}" if spectrum[i] > -16 else "< -16" for i in picks]
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
-    (args.out / "selectivity.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(args.out / "selectivity.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

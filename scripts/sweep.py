@@ -22,6 +22,7 @@ from cl_hres import _warnings
 from cl_hres.cli_options import OneLineParser
 from cl_hres.compare import mean_std
 from cl_hres.errors import ConfigError
+from cl_hres.fileio import atomic_write_text
 from cl_hres.run_config import RunConfig
 from cl_hres.runner import execute, prepare
 
@@ -52,7 +53,7 @@ def main() -> int:
         if select:
             one_standard_error(saved["rows"], list(saved["grid"]), *select)
             saved["select"] = list(select)
-            (args.out / "sweep.json").write_text(json.dumps(saved, indent=1))
+            atomic_write_text(args.out / "sweep.json", json.dumps(saved, indent=1))
         write_report(args.out, saved, select)
         x = args.plot_x or next(iter(saved["grid"]))
         plot_sweep(
@@ -148,7 +149,7 @@ def main() -> int:
         "select": list(select) if select else None,
         "rows": rows,
     }
-    (args.out / "sweep.json").write_text(json.dumps(saved, indent=1))
+    atomic_write_text(args.out / "sweep.json", json.dumps(saved, indent=1))
     write_report(args.out, saved, select)
     if args.plot_x:
         plot_sweep(rows, keys, args.plot_x, base, args.out / "stability_plasticity.png")
@@ -199,7 +200,7 @@ def write_report(out: Path, saved: dict, select: list[str] | tuple[str, str] | N
             + f" | {f(row['mean_null_dim_fraction'], 1)} |"
             + (f" {gap(row)} | {'**selected**' if row['selected'] else ''} |" if select else "")
         )
-    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "sweep.md", "\n".join(lines) + "\n")
 
 
 def _parse_select(spec: str | None, grid: dict, parser) -> tuple[str, str] | None:
