@@ -32,6 +32,7 @@ __all__ = [
     "register_shipped_backbone",
     "shipped_architecture",
     "shipped_card",
+    "weights_card",
 ]
 
 SHIPPED_ARCH = "vit_pico_patch7_28"
@@ -162,7 +163,10 @@ def describe_weights(name: str, pretrained: bool, weights: str | Path | None) ->
     """Where a backbone's weights come from, for results.json."""
     if weights is not None:
         path = Path(weights).resolve()
-        return {"name": name, "weights": "file", "file": str(path), "sha256": _sha256(path)}
+        desc = {"name": name, "weights": "file", "file": str(path), "sha256": _sha256(path)}
+        if path.with_suffix(".json").is_file():
+            desc["card"] = str(path.with_suffix(".json"))
+        return desc
     if not pretrained:
         return {"name": name, "weights": "random (seeded)"}
     card = shipped_card() if name == SHIPPED_BACKBONE else None
@@ -177,6 +181,38 @@ def describe_weights(name: str, pretrained: bool, weights: str | Path | None) ->
             "pretraining_command": prov["command"],
         }
     return {"name": name, "weights": "timm pretrained (Hugging Face hub or its cache)"}
+
+
+# The data keys of a timm pretrained config that a card beside a --weights file may set.
+_CARD_DATA_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+
+
+def weights_card(weights: str | Path) -> dict[str, Any]:
+    """The input-pipeline part of the card beside a weights file (``FILE.json``), or ``{}``.
+
+    A weights file made by ``scripts/pretrain_fmnist.py`` (or by hand) may come with a
+    timm-style card, ``<stem>.json`` holding ``pretrained_cfg``: its input size, mean,
+    std, interpolation and crop then describe the inputs the weights were trained on,
+    instead of those of the architecture's default tag.
+
+    Raises:
+        DataError: the card exists but is not JSON with a ``pretrained_cfg`` object.
+    """
+    card_path = Path(weights).with_suffix(".json")
+    if not card_path.is_file():
+        return {}
+    try:
+        cfg = json.loads(card_path.read_text())["pretrained_cfg"]
+        if not isinstance(cfg, dict):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(
+            f"{card_path} (the card beside --weights) is not JSON with a 'pretrained_cfg' "
+            "object; fix or remove it"
+        ) from None
+    return {
+        k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in _CARD_DATA_KEYS
+    }
 
 
 def create_backbone(
@@ -194,7 +230,8 @@ def create_backbone(
         name: A timm VisionTransformer name, e.g. ``vit_base_patch16_224.augreg_in21k``.
         pretrained: Load pretrained weights from the Hugging Face hub (needs network).
         weights: A local ``.safetensors``/``.bin``/``.pth`` file with the pretrained weights
-            (implies ``pretrained``); the way to use pretrained weights offline.
+            (implies ``pretrained``); the way to use pretrained weights offline. A card
+            beside it (:func:`weights_card`) sets the input pipeline.
         img_size: Input resolution (timm resamples the position embeddings).
         in_chans: Input channels.
         **overrides: Further ``VisionTransformer`` arguments (``patch_size``, ``embed_dim``,
@@ -222,7 +259,7 @@ def create_backbone(
         if not path.is_file():
             raise DataError(f"weights file not found: {path}")
         pretrained = True
-        kwargs["pretrained_cfg_overlay"] = {"file": str(path.resolve())}
+        kwargs["pretrained_cfg_overlay"] = {**weights_card(path), "file": str(path.resolve())}
     elif pretrained:
         cfg = timm.models.get_pretrained_cfg(name)
         if cfg is None or not (cfg.file or cfg.url or cfg.hf_hub_id):

@@ -2,8 +2,8 @@
 
 Each step trains one experience (or, for a strategy that ``trains_whole_stream``, the
 whole stream once), evaluates on the whole test stream (a row of ``R``), logs the
-``cl/`` scalars and those of the checkpointable plugins to TensorBoard through the
-evaluator's Avalanche loggers, and writes an atomic checkpoint (rank 0).
+``cl/`` scalars and those of the checkpointable plugins to TensorBoard (on the
+per-experience axis, :mod:`cl_hres.tb_logger`), and writes an atomic checkpoint (rank 0).
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ def train_and_evaluate(session: Session, *, progress: bool = True) -> None:
         r = session.matrix()
         bar.set_postfix(avg_acc=f"{average_accuracy_seen(r, joint=session.whole_stream):.3f}")
     bar.close()
-    if session.logger is not None:
-        session.logger.close()
+    for logger in (session.logger, session.experience_logger):
+        if logger is not None:
+            logger.close()
 
 
 def _train_step(session: Session, i: int) -> None:
@@ -84,10 +85,12 @@ def _save_step(session: Session, i: int) -> None:
 
 
 def _log_step(session: Session) -> None:
-    """TensorBoard scalars of the step just done, through the evaluator's loggers.
+    """TensorBoard scalars of the step just done, on the per-experience axis.
 
-    Same step as Avalanche's metrics of this evaluation: training iterations. Everything
-    up to it is flushed before the checkpoint says the step is done.
+    Their step is the number of training steps done (1 after the first experience), not
+    Avalanche's training iterations: curves of strategies that run different numbers of
+    iterations line up, and an experience without any SGD step still gets its own point.
+    Everything up to it is flushed before the checkpoint says the step is done.
     """
     from avalanche.evaluation.metric_results import MetricValue
 
@@ -97,11 +100,12 @@ def _log_step(session: Session) -> None:
     )
     for plugin in checkpointable_plugins(strategy).values():
         scalars.update(plugin.scalars())
-    step = strategy.clock.train_iterations
+    step = len(session.state.rows)
     # None is undefined (e.g. forgetting after one experience), not 0: not logged.
     values = [MetricValue(None, k, float(v), step) for k, v in scalars.items() if v is not None]
-    for logger in strategy.evaluator.loggers:
-        logger.log_metrics(values)
+    if session.experience_logger is not None:
+        session.experience_logger.log_metrics(values)
+        session.experience_logger.flush()
     if session.logger is not None:
         session.logger.flush()
 

@@ -183,13 +183,17 @@ class Session:
         out: Output directory.
         stream: The Avalanche benchmark (train and test streams).
         strategy: The strategy; its model is ``strategy.model``.
-        logger: TensorBoard logger (rank 0 only, else None).
+        logger: TensorBoard logger of Avalanche's metrics, whose step is the training
+            iteration (rank 0 only, else None).
         pristine: A copy of the backbone before any training, for forward-transfer
             references (None when the run has none).
         loader: DataLoader settings of every loader of the run (:mod:`cl_hres.loaders`).
         started_at: ``time.perf_counter()`` when this call of ``execute`` began.
         state: What the checkpoints carry.
         test_sizes: Images per test experience (to combine accuracies over ranks).
+        experience_logger: TensorBoard logger of the per-experience scalars (``cl/``,
+            ``nsp/``, ``drift/``), whose step is the number of training steps done, in
+            ``tensorboard/experiences`` (rank 0 only, else None).
     """
 
     prep: Prepared
@@ -202,6 +206,7 @@ class Session:
     started_at: float
     state: RunState = field(default_factory=RunState)
     test_sizes: list[int] = field(default_factory=list)
+    experience_logger: RunTensorboardLogger | None = None
 
     @property
     def loader_kwargs(self) -> dict[str, Any]:
@@ -236,6 +241,7 @@ def start(
     *,
     fresh: bool,
     purge_step: int | None = None,
+    experience_purge_step: int | None = None,
     started_at: float | None = None,
 ) -> Session:
     """Chooses the loaders, builds the stream and the strategy, then readies ``out`` (rank 0).
@@ -249,10 +255,12 @@ def start(
         out: Output directory.
         fresh: No checkpoint is resumed: outputs of earlier runs are replaced.
         purge_step: First TensorBoard step to purge (events logged after the checkpoint).
+        experience_purge_step: The same for the per-experience events.
         started_at: When the run (this call of ``execute``) began; default now.
     """
     from cl_hres.benchmarks import build_stream
     from cl_hres.loaders import apply_threads, resolve_loader_settings
+    from cl_hres.tb_logger import RunTensorboardLogger
 
     started_at = time.perf_counter() if started_at is None else started_at
     cfg = prep.config
@@ -275,8 +283,24 @@ def start(
     if distributed.rank() == 0:
         _ready_output_dir(out, cfg.to_dict(), fresh=fresh)
     sizes = [len(exp.dataset) for exp in stream.test_stream]
+    # Per-experience curves get their own axis (experiences learned), so strategies compare
+    # point by point and experiences without an SGD step (aper, linear) still advance it.
+    per_experience = (
+        RunTensorboardLogger(out / "tensorboard" / "experiences", purge_step=experience_purge_step)
+        if logger is not None
+        else None
+    )
     return Session(
-        prep, out, stream, strategy, logger, pristine, loader, started_at, test_sizes=sizes
+        prep,
+        out,
+        stream,
+        strategy,
+        logger,
+        pristine,
+        loader,
+        started_at,
+        test_sizes=sizes,
+        experience_logger=per_experience,
     )
 
 

@@ -164,8 +164,16 @@ def execute(
     loaded = load_checkpoint(checkpoint, prep.config.to_dict()) if checkpoint else None
     # On resume, events an interrupted run logged after the checkpoint's step are purged.
     purge_step = loaded[0]["clock"].get("train_iterations", 0) + 1 if loaded else None
+    experience_purge_step = len(loaded[0]["rows"]) + 1 if loaded else None
     fresh = loaded is None and (overwrite or not holds_results(out))
-    session = start(prep, out, fresh=fresh, purge_step=purge_step, started_at=started_at)
+    session = start(
+        prep,
+        out,
+        fresh=fresh,
+        purge_step=purge_step,
+        experience_purge_step=experience_purge_step,
+        started_at=started_at,
+    )
     restore(session, loaded)
     train_and_evaluate(session, progress=progress)
     return report(session, reference_cache=reference_cache or out)

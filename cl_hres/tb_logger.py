@@ -1,11 +1,17 @@
 """TensorBoard logging of a run: Avalanche's logger, made resumable and lazy.
 
-Every scalar of a run shares one step axis, Avalanche's: training iterations
-(``strategy.clock.train_iterations``). Avalanche logs the loss and its accuracy metrics
-there; after each experience the train–evaluate loop (:mod:`cl_hres.run_loop`) hands the
-``cl/`` scalars and the plugins' ``nsp/`` and ``drift/`` scalars to the evaluator's
-loggers as Avalanche ``MetricValue`` s (``BaseLogger.log_metrics``), at the same step as
-that experience's evaluation.
+A run writes two step axes, each in its own event directory:
+
+- ``tensorboard/``: Avalanche's metrics (loss per epoch, accuracy of each evaluation)
+  at Avalanche's step, training iterations (``strategy.clock.train_iterations``);
+- ``tensorboard/experiences/``: after each training step the train–evaluate loop
+  (:mod:`cl_hres.run_loop`) logs the ``cl/`` scalars (accuracies, forgetting, BWT, FWT)
+  and the plugins' ``nsp/`` and ``drift/`` scalars as Avalanche ``MetricValue`` s at the
+  number of training steps done (1, 2, ...). Per-experience curves of strategies that run
+  different numbers of iterations line up there, and an experience in which a strategy
+  runs no SGD step (a frozen probe, first-session adaptation) still advances the axis.
+
+Separate directories keep TensorBoard's purge on resume exact for each axis.
 """
 
 from __future__ import annotations

@@ -14,6 +14,12 @@ Writes ``<out>/<tag>.safetensors`` (weights), ``<out>/<tag>.json`` (timm-style p
 config plus provenance: data, epochs, accuracies, command, sha256) and a training log.
 
     python scripts/pretrain_fmnist.py --epochs 12 --out cl_hres/pretrained
+
+A held-out-class testbed (a stream the backbone has partly never seen): ``--classes 0,1,2,3,4``
+pretrains on those classes only, ``--holdout N`` keeps N training images (all classes,
+seeded) out of pretraining and of its validation, and ``--stream-npz FILE`` writes them as
+the stream's training split with the full test split as its test split (an ``.npz`` for
+``cl-hres --benchmark FILE``). Writing the stream needs no training (``--epochs 0``).
 """
 
 from __future__ import annotations
@@ -129,7 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--drop-path", type=float, default=0.05)
     p.add_argument("--limit", type=int, default=0, help="train on this many images (smoke test)")
+    p.add_argument("--classes", default="", help="pretrain on these classes only (e.g. 0,1,2,3,4)")
+    p.add_argument("--holdout", type=int, default=0, help="training images kept for a stream")
+    p.add_argument("--stream-npz", type=Path, default=None, help="write the held-out stream here")
     args = p.parse_args(argv)
+    if args.stream_npz is not None and not args.holdout:
+        p.error("--stream-npz needs --holdout N (the stream's training images)")
 
     from cl_hres.backbones import SHIPPED_ARCH, SHIPPED_TAG, shipped_architecture
 
@@ -138,17 +149,44 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     data = load_fashion_mnist(args.data_dir)
     perm = torch.randperm(len(data["train_y"]), generator=gen)
-    tr_idx, val_idx = perm[args.val :], perm[: args.val]
+    # perm = [validation | held out for the stream | pretraining pool]: disjoint by slicing.
+    val_idx = perm[: args.val]
+    held_idx = perm[args.val : args.val + args.holdout]
+    tr_idx = perm[args.val + args.holdout :]
+    if args.stream_npz is not None:
+        args.stream_npz.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.stream_npz.with_name(args.stream_npz.name + ".tmp.npz")
+        np.savez_compressed(
+            tmp,
+            x_train=data["train_x"][held_idx].numpy(),
+            y_train=data["train_y"][held_idx].numpy().astype(np.int64),
+            x_test=data["test_x"].numpy(),
+            y_test=data["test_y"].numpy().astype(np.int64),
+        )
+        tmp.replace(args.stream_npz)
+        print(f"wrote the held-out stream {args.stream_npz} ({len(held_idx)} training images)")
+        if args.epochs == 0:
+            return 0
+    classes = sorted({int(c) for c in args.classes.split(",") if c.strip()}) or list(range(10))
+    # Train / validate / test on the chosen classes only, relabelled 0..len(classes)-1.
+    relabel = torch.full((10,), -1, dtype=torch.long)
+    relabel[classes] = torch.arange(len(classes))
+
+    def only(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = relabel[y.long()] >= 0
+        return x[keep], relabel[y.long()[keep]]
+
     if args.limit:
         tr_idx = tr_idx[: args.limit]
-    x_tr, y_tr = data["train_x"][tr_idx], data["train_y"][tr_idx].long()
-    x_val, y_val = data["train_x"][val_idx], data["train_y"][val_idx].long()
+    x_tr, y_tr = only(data["train_x"][tr_idx], data["train_y"][tr_idx])
+    x_val, y_val = only(data["train_x"][val_idx], data["train_y"][val_idx])
+    x_te, y_te = only(data["test_x"], data["test_y"])
     # Normalisation statistics of the images trained on (never of the test split).
     pix = x_tr.float() / 255
     mean, std = pix.mean().item(), pix.std().item()
     del pix
 
-    model = shipped_architecture(num_classes=10, drop_path_rate=args.drop_path)
+    model = shipped_architecture(num_classes=len(classes), drop_path_rate=args.drop_path)
     decay = [p_ for n, p_ in model.named_parameters() if p_.ndim >= 2 and "pos_embed" not in n]
     no_decay = [p_ for n, p_ in model.named_parameters() if p_.ndim < 2 or "pos_embed" in n]
     opt = torch.optim.AdamW(
@@ -199,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         history.append(row)
         print(json.dumps(row), file=log, flush=True)
         print(json.dumps(row), flush=True)
-    test = accuracy(model, data["test_x"], data["test_y"].long(), mean, std)
+    test = accuracy(model, x_te, y_te, mean, std)
 
     from safetensors.torch import save_file
 
@@ -218,13 +256,14 @@ def main(argv: list[str] | None = None) -> int:
             "interpolation": "bilinear",
             "crop_pct": 1.0,
             "crop_mode": "center",
-            "num_classes": 10,
+            "num_classes": len(classes),
             "first_conv": "patch_embed.proj",
             "classifier": "head",
         },
         "provenance": {
             "data": "Fashion-MNIST (Debian dataset-fashion-mnist, IDX files); "
-            f"{len(x_tr)} training images, {len(x_val)} held out, 10,000 test images",
+            f"classes {classes}: {len(x_tr)} training images, {len(x_val)} for validation, "
+            f"{len(x_te)} test images; {len(held_idx)} training images held out for a stream",
             "epochs": args.epochs,
             "val_accuracy": round(val, 4),
             "test_accuracy": round(test, 4),

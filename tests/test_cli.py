@@ -58,7 +58,7 @@ def test_split_digits_defaults_to_five_experiences():
 def test_tensorboard_has_forgetting_scalars(tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(tiny_run.out / "tensorboard"))
+    acc = EventAccumulator(str(tiny_run.out / "tensorboard" / "experiences"))
     acc.Reload()
     tags = acc.Tags()["scalars"]
     assert "cl/average_accuracy_seen" in tags and "cl/accuracy_exp000" in tags

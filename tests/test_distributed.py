@@ -47,7 +47,8 @@ def test_two_processes_match_one(tmp_path, tiny_task_run):
     # No training before the baseline: shards are combined exactly.
     assert b["untrained_accuracy"] == pytest.approx(a["untrained_accuracy"], abs=1e-12)
     # Only rank 0 wrote TensorBoard events.
-    assert len(list((multi / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    for sub in ("", "experiences"):
+        assert len(list((multi / "tensorboard" / sub).glob("events.out.tfevents.*"))) == 1
 
 
 @needs_torchrun

@@ -142,3 +142,30 @@ def test_offline_pretrained_fails_at_once_with_one_line(tmp_path, monkeypatch, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--weights" in err[0] and "not cached" in err[0]
     assert not out.exists()
+
+
+def test_card_beside_weights_sets_the_input_pipeline(tmp_path, capsys):
+    """--weights FILE with FILE.json (what pretrain_fmnist.py writes): its mean/std are used."""
+    import shutil
+
+    from timm.data import resolve_model_data_config
+
+    from cl_hres.backbones import _PRETRAINED_DIR
+
+    weights = tmp_path / "mine.safetensors"
+    shutil.copy(_PRETRAINED_DIR / "fmnist.safetensors", weights)
+    plain = resolve_model_data_config(create_backbone(SHIPPED_BACKBONE, weights=weights))
+    assert plain["mean"] == tuple(shipped_card()["pretrained_cfg"]["mean"])
+    card = {"pretrained_cfg": {"mean": [0.25], "std": [0.5], "num_classes": 5}}
+    weights.with_suffix(".json").write_text(json.dumps(card))
+    model = create_backbone(SHIPPED_BACKBONE, weights=weights)
+    cfg = resolve_model_data_config(model)
+    assert cfg["mean"] == (0.25,) and cfg["std"] == (0.5,)
+    assert model.num_classes == 0  # the card's head size is not the backbone's business
+    # A broken card is bad input: one line naming it, exit 2, nothing written.
+    weights.with_suffix(".json").write_text("{not json")
+    out = tmp_path / "run"
+    assert main(["run", "--weights", str(weights), "--out", str(out), *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mine.json" in err[0] and "pretrained_cfg" in err[0]
+    assert not out.exists()

@@ -85,11 +85,16 @@ def test_sigkill_during_experience_then_resume_matches_uninterrupted(tmp_path):
 
 
 def _tensorboard_series(run: Path) -> dict[str, list[int]]:
+    """Steps of every series of both event directories (iterations, experiences)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run / "tensorboard"))
-    acc.Reload()
-    return {t: [e.step for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+    series = {}
+    for sub in ("", "experiences"):
+        acc = EventAccumulator(str(run / "tensorboard" / sub))
+        acc.Reload()
+        series |= {f"{sub}/{t}": [e.step for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+    assert series["experiences/cl/average_accuracy_seen"] == [1, 2, 3]
+    return series
 
 
 def _tensorboard_steps(run: Path) -> list[int]:

@@ -19,11 +19,16 @@ def _results(path: Path) -> dict:
     return json.loads((path / "results.json").read_text())
 
 
-def _scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar series of a run's TensorBoard directory, purges applied."""
+def _scalars(run: Path, axis: str = "experiences") -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of one of a run's TensorBoard directories, purges applied.
+
+    ``axis``: "experiences" (the per-experience ``cl/``, ``nsp/``, ``drift/`` scalars) or
+    "iterations" (Avalanche's metrics).
+    """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run / "tensorboard"))
+    sub = run / "tensorboard" / ("experiences" if axis == "experiences" else "")
+    acc = EventAccumulator(str(sub))
     acc.Reload()
     return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
 
@@ -36,9 +41,11 @@ def _check_tensorboard(run: Path) -> dict[str, list[tuple[int, float]]]:
     res = _results(run)
     r = res["accuracy_matrix"]
     tb = _scalars(run)
+    avalanche = _scalars(run, "iterations")
     # Experiences not trained yet: null in results.json, absent (not 0) in TensorBoard.
     assert [[a is None for a in row] for row in r] == [[j > i for j in range(3)] for i in range(3)]
-    assert not any(t.startswith("Top1_Acc_Exp/") for t in tb)  # Avalanche's logs them as 0
+    assert not any(t.startswith("Top1_Acc_Exp/") for t in avalanche)  # it logs them as 0
+    assert not any(t.startswith("cl/") for t in avalanche)
     for j in range(3):
         assert [v for _, v in tb[f"cl/accuracy_exp{j:03d}"]] == pytest.approx(
             [r[i][j] for i in range(j, 3)]
@@ -48,19 +55,20 @@ def _check_tensorboard(run: Path) -> dict[str, list[tuple[int, float]]]:
     assert average[-1] == pytest.approx(res["final_average_accuracy"])
     assert tb["cl/forgetting"][-1][1] == pytest.approx(res["forgetting"])
     assert tb["cl/bwt"][-1][1] == pytest.approx(res["bwt"])
-    # One step axis, Avalanche's (training iterations): the cl/, nsp/ and drift/ points
-    # of an experience sit at the step of that experience's evaluation.
-    steps = [s for s, _ in tb["Top1_Acc_Stream/eval_phase/test_stream"]]
-    assert len(steps) == 3 and steps == sorted(steps) and steps[0] > 2
+    # Avalanche's metrics per training iteration; the cl/, nsp/ and drift/ points of an
+    # experience at the number of experiences learned.
+    iterations = [s for s, _ in avalanche["Top1_Acc_Stream/eval_phase/test_stream"]]
+    assert len(iterations) == 3 and iterations == sorted(iterations) and iterations[0] > 2
+    steps = [1, 2, 3]
     assert [s for s, _ in tb["cl/average_accuracy_seen"]] == steps
     assert [s for s, _ in tb["cl/forgetting"]] == steps[1:]
     assert [s for s, _ in tb["nsp/null_space_dims/block00"]] == steps
     assert [s for s, _ in tb["drift/class_spreads_max"]] == steps[1:]
     assert "nsp/null_space_fraction" in tb and "nsp/interference_max" in tb
     assert [s for s, _ in tb["drift/class_spreads_exp000"]] == steps[1:]
-    loss = tb["Loss_Epoch/train_phase/train_stream"]
-    assert [s for s, _ in loss] == steps  # one epoch per experience, no duplicates
-    return tb
+    loss = avalanche["Loss_Epoch/train_phase/train_stream"]
+    assert [s for s, _ in loss] == iterations  # one epoch per experience, no duplicates
+    return {**tb, **avalanche}
 
 
 def test_tensorboard_and_resume_after_interrupt_without_duplicates(tmp_path, monkeypatch, tiny_run):
@@ -164,14 +172,14 @@ def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_next(
         with pytest.raises(MemoryError):
             main([*argv, "--overwrite"])
         gc.collect()  # as at process exit: the failed run's event file is closed
-        assert (out / "config.json").is_file() and len(_scalars(out)[loss]) == 1
+        assert (out / "config.json").is_file() and len(_scalars(out, "iterations")[loss]) == 1
         assert not (out / "checkpoints" / "exp000").exists()
         monkeypatch.setattr(ContinualViTPlugin, "after_training_exp", original)
         # Neither a plain rerun is refused nor does --resume fail: both start afresh,
         # without the failed run's TensorBoard points.
         assert main(rerun) == 0, rerun
         assert len(_results(out)["accuracy_matrix"]) == 2
-        assert len(_scalars(out)[loss]) == 2
+        assert len(_scalars(out, "iterations")[loss]) == 2
 
 
 def test_uneven_split_is_announced():
@@ -226,7 +234,12 @@ def test_experiences_that_can_learn_nothing_run_no_step_and_log_no_loss(tmp_path
     assert [h["dormant"] for h in history] == [[], [0], [0]]
     assert all(h["experts"] == [1] * 6 for h in history)
     assert res["trainable_parameters"]["adapter_last_experience"] == 0
-    assert len(_scalars(out)["Loss_Epoch/train_phase/train_stream"]) == 1
+    assert len(_scalars(out, "iterations")["Loss_Epoch/train_phase/train_stream"]) == 1
+    # Per-experience curves still get one point per experience, though the iteration
+    # counter stood still after the first one.
+    tb = _scalars(out)
+    assert [s for s, _ in tb["cl/average_accuracy_seen"]] == [1, 2, 3]
+    assert [s for s, _ in tb["nsp/null_space_dims/block00"]] == [1, 2, 3]
     # The throughput counts the images of the experience that trained (4 of 10 classes).
     images = res["timing"]["train_images"]
     assert 0.3 * len(load_digits_data().train) < images < 0.5 * len(load_digits_data().train)
