@@ -159,6 +159,7 @@ _GROUPS: list[tuple[str, str, list[tuple[str, str, Any]]]] = [
             ("--nsp-threshold", "nsp_threshold", float),
             ("--nsp-eta", "nsp_eta", float),
             ("--nsp-min-free-energy", "nsp_min_free_energy", float),
+            ("--nsp-min-selectivity", "nsp_min_selectivity", float),
             ("--nsp-separate-prefix", "nsp_separate_prefix", None),
             ("--nsp-precision", "nsp_precision", str),
         ],

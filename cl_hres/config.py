@@ -137,7 +137,12 @@ class NullSpaceConfig:
     on its data before training, token groups weighed as for the projector) lies in the
     directions the projector leaves free; below it the expert could learn (almost)
     nothing and would only cost inference compute. 0 adds one wherever a free direction
-    exists.
+    exists. ``min_selectivity`` (0: off): a bank also takes no expert where that share is
+    less than ``min_selectivity`` times the share of the *old* inputs' energy the same
+    directions hold. Along a direction where new inputs have μ times the old ones' energy,
+    an expert moves old features by about ``1/√μ`` of what it moves new ones, so with a
+    loose threshold this admits only the banks whose free directions tell the new
+    experience from the old ones (per block and per experience).
     """
 
     rule: str = field(default="relative", metadata={"help": "energy | ratio | relative"})
@@ -148,6 +153,13 @@ class NullSpaceConfig:
         metadata={
             "help": "Share of a new experience's input energy a bank's free directions must "
             "hold for it to take an expert (0: always)."
+        },
+    )
+    min_selectivity: float = field(
+        default=0.0,
+        metadata={
+            "help": "Ratio of the new to the old inputs' energy shares in a bank's free "
+            "directions below which it takes no expert (0: off)."
         },
     )
     separate_prefix: bool = field(
@@ -173,5 +185,8 @@ class NullSpaceConfig:
         m = self.min_free_energy
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1:
             raise ConfigError(f"nsp min_free_energy must be in [0, 1), got {m!r}")
+        q = self.min_selectivity
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 <= q < float("inf"):
+            raise ConfigError(f"nsp min_selectivity must be a number >= 0, got {q!r}")
         if self.precision not in ("float64", "float32"):
             raise ConfigError(f"nsp precision must be float64 or float32, got {self.precision!r}")

@@ -43,8 +43,9 @@ class NullSpaceProjectionPlugin(
     records diagnostics in :attr:`history`: the null-space dimension and the number of
     experts per bank (a bank whose null space is empty takes no new expert, so it costs
     no more at inference; nor does a bank *dormant* for the experience, whose free
-    directions held less than ``config.min_free_energy`` of the experience's input energy
-    in the admission pass that :class:`~cl_hres.vit_plugin.ContinualViTPlugin` makes
+    directions held less than ``config.min_free_energy`` of the experience's input energy,
+    or less than ``config.min_selectivity`` times the old inputs' share, in the admission
+    pass that :class:`~cl_hres.vit_plugin.ContinualViTPlugin` makes
     before creating experts: ``dormant``), the share of the experience's input energy that the projector
     let its experts learn from (``free_energy``, per bank; None for the first) and the
     same share of the older experiences' inputs (``old_free_energy``), and the relative
@@ -161,6 +162,10 @@ class NullSpaceProjectionPlugin(
                 # Banks that took no expert for this experience: their free directions
                 # held too little of its input energy (NullSpaceGuard.admitting).
                 "dormant": guard.dormant_banks,
+                # What decided it, measured before training (None: no admission pass):
+                # the new and the old inputs' shares of energy in the free directions.
+                "admission_free_energy": list(guard.admission_energy),
+                "admission_old_free_energy": list(guard.admission_old_energy),
                 # Shares of this experience's input energy, and of the older experiences',
                 # in the directions its experts were free to learn in.
                 "free_energy": [None if f is None else f[0] for f in guard.free_energy],

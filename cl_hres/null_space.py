@@ -132,9 +132,11 @@ class NullSpaceGuard:
         # of the older inputs' energy that the projector lets through (None where no
         # projector constrained the experience).
         self.free_energy: list[tuple[float, float] | None] = [None] * len(self.states)
-        # Per bank, after the last admission pass: the share of the new experience's input
-        # energy in the free directions before training (None: not measured).
+        # Per bank, after the admission pass of the current experience: the share of its
+        # input energy in the free directions before training, and the same share of the
+        # older inputs' energy (None: not measured).
         self.admission_energy: list[float | None] = [None] * len(self.states)
+        self.admission_old_energy: list[float | None] = [None] * len(self.states)
 
     @property
     def accumulators(self) -> list[CovarianceAccumulator]:
@@ -219,8 +221,10 @@ class NullSpaceGuard:
         into a temporary accumulator (the old statistics are not touched); on exit the
         share of their energy in the directions the current projector leaves free is
         stored per bank in :attr:`admission_energy`, and a bank whose share is below
-        ``config.min_free_energy`` is *dormant* for this experience: it takes no expert
-        (``ExpertBank.add_expert``), so it costs nothing it could not use. The inputs are
+        ``config.min_free_energy``, or below ``config.min_selectivity`` times the share of
+        the old inputs' energy in the same directions, is *dormant* for this experience:
+        it takes no expert (``ExpertBank.add_expert``), so it costs nothing it could not
+        use (or would use as much on old inputs as on new ones). The inputs are
         those the new expert would see, since a new expert starts at zero. Under
         torch.distributed the temporary sums are all-reduced, so every rank decides alike.
         Passes that no bank needs (first experience, every bank closed) can be skipped:
@@ -236,27 +240,30 @@ class NullSpaceGuard:
             for h in handles:
                 h.remove()
         self.admission_energy = [None] * len(self.states)
+        self.admission_old_energy = [None] * len(self.states)
         for i, acc in pending.items():
             if distributed.is_distributed():
                 distributed.all_reduce_(acc.sums)
             state = self.states[i]
             share = _share(_group_traces(state, acc.sums))
-            self.admission_energy[i] = share
-            state.dormant = share is not None and share < self.config.min_free_energy
+            old = _share(_group_traces(state))
+            self.admission_energy[i], self.admission_old_energy[i] = share, old
+            old = old or 0.0
+            state.dormant = share is not None and (
+                share < self.config.min_free_energy or share < self.config.min_selectivity * old
+            )
 
     @property
     def needs_admission_pass(self) -> bool:
         """Whether :meth:`admitting` could make a bank dormant.
 
-        Only once a projector constrains a bank, and never with a relaxation that lets
-        through at least ``min_free_energy`` of every input (``P_η ⪰ (1 − η)·I``).
+        Only once a projector constrains a bank; by the energy test never with a
+        relaxation that lets through at least ``min_free_energy`` of every input
+        (``P_η ⪰ (1 − η)·I``), by the selectivity test whenever it is on.
         """
         cfg = self.config
-        return (
-            0 < cfg.min_free_energy
-            and 1 - cfg.eta < cfg.min_free_energy
-            and bool(self._constrained_open())
-        )
+        by_energy = 0 < cfg.min_free_energy and 1 - cfg.eta < cfg.min_free_energy
+        return (by_energy or cfg.min_selectivity > 0) and bool(self._constrained_open())
 
     def _constrained_open(self) -> list[int]:
         """Banks a projector constrains that still have a free direction."""
@@ -271,6 +278,8 @@ class NullSpaceGuard:
         """Ends the experience's dormancy: every open bank may take the next expert."""
         for state in self.states:
             state.dormant = False
+        self.admission_energy = [None] * len(self.states)
+        self.admission_old_energy = [None] * len(self.states)
 
     def refresh(self) -> None:
         """Recomputes every projector from the accumulated statistics.

@@ -154,6 +154,7 @@ class RunConfig:
     nsp_threshold: float = _mirror(NullSpaceConfig, "threshold")
     nsp_eta: float = _mirror(NullSpaceConfig, "eta")
     nsp_min_free_energy: float = _mirror(NullSpaceConfig, "min_free_energy")
+    nsp_min_selectivity: float = _mirror(NullSpaceConfig, "min_selectivity")
     nsp_separate_prefix: bool = _mirror(NullSpaceConfig, "separate_prefix")
     nsp_precision: str = _mirror(NullSpaceConfig, "precision")
     lora_rank: int = _mirror(LoRAConfig, "rank")

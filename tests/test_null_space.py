@@ -254,6 +254,10 @@ def test_collecting_copies_no_statistics_in_one_process(monkeypatch):
         {"min_free_energy": -1e-6},
         {"min_free_energy": 1.0},
         {"min_free_energy": float("nan")},
+        {"min_selectivity": -1.0},
+        {"min_selectivity": float("nan")},
+        {"min_selectivity": float("inf")},
+        {"min_selectivity": True},
     ],
 )
 def test_bad_nsp_configs(kwargs):
@@ -418,3 +422,47 @@ def test_admission_makes_a_bank_dormant_where_new_inputs_miss_its_free_direction
     # ...as does a relaxation that lets through 1 − η ≥ the threshold of every input.
     relaxed = NullSpaceGuard(banks, NullSpaceConfig(threshold=1e-6, eta=0.9))
     assert not relaxed.needs_admission_pass
+
+
+def test_selectivity_admits_only_banks_whose_free_directions_tell_new_from_old():
+    """A loose threshold leaves faint old directions free. Bank 0's new inputs use them as
+    faintly as the old ones did (ratio ~1), bank 1's 30x more strongly (ratio ~900)."""
+    from cl_hres.experts import ExpertBank
+
+    torch.manual_seed(0)
+    banks = [ExpertBank(6, 6, rank=2, scale=1.0) for _ in range(2)]
+    for bank in banks:
+        bank.add_expert()
+
+    def inputs(faint: float) -> torch.Tensor:
+        x = torch.randn(512, 6)
+        x[:, 3:] *= faint
+        return x
+
+    def forward(pair):
+        return [bank(x) for bank, x in zip(banks, pair)]
+
+    def admit(min_selectivity: float) -> list[int]:
+        # With the selectivity test on, it alone asks for the pass (min_free_energy 0).
+        energy = 0.0 if min_selectivity else 1e-6
+        cfg = NullSpaceConfig(
+            threshold=1e-3, min_free_energy=energy, min_selectivity=min_selectivity
+        )
+        guard = NullSpaceGuard(banks, cfg)
+        guard.collect(forward, [(inputs(0.01), inputs(0.01))])
+        assert guard.null_dims == [3, 3] and guard.needs_admission_pass
+        with guard.admitting():
+            forward((inputs(0.01), inputs(0.3)))
+        return guard
+
+    # Both shares are far above min_free_energy: without the ratio test both banks admit.
+    assert admit(0.0).dormant_banks == []
+    guard = admit(10.0)
+    assert guard.dormant_banks == [0]
+    # What decided it: the new and the old inputs' shares (3·0.01² / 3 ≈ 1e-4 for both of
+    # bank 0; 3·0.3² / (3 + 3·0.3²) ≈ 0.08 for bank 1's new inputs).
+    new, old = guard.admission_energy, guard.admission_old_energy
+    assert new[0] == pytest.approx(1e-4, rel=0.3) and old[0] == pytest.approx(1e-4, rel=0.3)
+    assert new[1] == pytest.approx(0.083, rel=0.3) and old[1] == pytest.approx(1e-4, rel=0.3)
+    guard.wake()  # the next experience starts unmeasured
+    assert guard.admission_energy == guard.admission_old_energy == [None, None]

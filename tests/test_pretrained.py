@@ -4,6 +4,7 @@ published protocol's code path (CIFAR-100 at 224 px, an IN-21k tagged ViT, --wei
 import hashlib
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,3 +170,58 @@ def test_card_beside_weights_sets_the_input_pipeline(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "mine.json" in err[0] and "pretrained_cfg" in err[0]
     assert not out.exists()
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    import gzip
+
+    magic = (0x08 << 8) | array.ndim  # unsigned bytes
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_pretraining_script_holds_out_a_stream_and_trains_on_chosen_classes(tmp_path):
+    """scripts/pretrain_fmnist.py --classes/--holdout/--stream-npz on fake IDX files: the
+    stream's training images are never among those pretrained on, and the card names it."""
+    import importlib.util
+
+    from cl_hres.data import load_npz
+
+    spec = importlib.util.spec_from_file_location(
+        "pretrain_fmnist", Path(__file__).parents[1] / "scripts" / "pretrain_fmnist.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rng = np.random.default_rng(0)
+    n_train, n_test = 300, 60
+    # Every training image carries its index in its first two pixels: images are unique.
+    train_x = rng.integers(0, 256, (n_train, 28, 28))
+    train_x[:, 0, 0], train_x[:, 0, 1] = np.arange(n_train) // 256, np.arange(n_train) % 256
+    data = tmp_path / "fmnist"
+    data.mkdir()
+    _write_idx(data / script.FILES["train_x"], train_x)
+    _write_idx(data / script.FILES["train_y"], np.arange(n_train) % 10)
+    _write_idx(data / script.FILES["test_x"], rng.integers(0, 256, (n_test, 28, 28)))
+    _write_idx(data / script.FILES["test_y"], np.arange(n_test) % 10)
+    stream = tmp_path / "stream.npz"
+    args = ["--data-dir", str(data), "--val", "40", "--holdout", "100", "--threads", "1"]
+    out = tmp_path / "bb"
+    argv = [*args, "--stream-npz", str(stream), "--classes", "0,1", "--epochs", "1"]
+    assert script.main([*argv, "--out", str(out), "--batch-size", "16"]) == 0
+    held = np.load(stream)
+    assert held["x_train"].shape == (100, 28, 28) and held["x_test"].shape == (n_test, 28, 28)
+    assert sorted(set(held["y_train"].tolist())) == list(range(10))  # every class
+    card = json.loads((out / "fmnist.json").read_text())
+    assert card["pretrained_cfg"]["num_classes"] == 2
+    assert "classes [0, 1]" in card["provenance"]["data"]
+    # The pretraining pool, rebuilt as the script draws it: disjoint from the stream.
+    perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(0))
+    pool = {int(i) for i in perm[140:]}
+    held_ids = {int(a) * 256 + int(b) for a, b in held["x_train"][:, 0, :2]}
+    assert len(held_ids) == 100 and not held_ids & pool
+    # ...and what the script trained on is that pool's images of classes 0 and 1.
+    trained = sum(1 for i in pool if i % 10 in (0, 1))
+    assert f"classes [0, 1]: {trained} training images" in card["provenance"]["data"]
+    # The stream loads as a cl-hres benchmark.
+    assert load_npz(stream).num_classes == 10

@@ -232,6 +232,11 @@ def test_experiences_that_can_learn_nothing_run_no_step_and_log_no_loss(tmp_path
     res = _results(out)
     history = res["null_space"]
     assert [h["dormant"] for h in history] == [[], [0], [0]]
+    # Measured before training: block 0's free directions hold ~nothing of the new
+    # digits (float32's floor); blocks 1-5 are closed, so no pass measures them.
+    assert history[0]["admission_free_energy"] == [None] * 6
+    assert all(h["admission_free_energy"][0] < 1e-6 for h in history[1:])
+    assert all(h["admission_free_energy"][1:] == [None] * 5 for h in history[1:])
     assert all(h["experts"] == [1] * 6 for h in history)
     assert res["trainable_parameters"]["adapter_last_experience"] == 0
     assert len(_scalars(out, "iterations")["Loss_Epoch/train_phase/train_stream"]) == 1
