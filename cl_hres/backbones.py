@@ -15,6 +15,7 @@ import difflib
 import functools
 import hashlib
 import json
+import math
 import os
 import socket
 from pathlib import Path
@@ -164,8 +165,8 @@ def describe_weights(name: str, pretrained: bool, weights: str | Path | None) ->
     if weights is not None:
         path = Path(weights).resolve()
         desc = {"name": name, "weights": "file", "file": str(path), "sha256": _sha256(path)}
-        if path.with_suffix(".json").is_file():
-            desc["card"] = str(path.with_suffix(".json"))
+        if _card_path(weights).is_file():
+            desc["card"] = str(_card_path(weights).resolve())
         return desc
     if not pretrained:
         return {"name": name, "weights": "random (seeded)"}
@@ -198,7 +199,7 @@ def weights_card(weights: str | Path) -> dict[str, Any]:
     Raises:
         DataError: the card exists but is not JSON with a ``pretrained_cfg`` object.
     """
-    card_path = Path(weights).with_suffix(".json")
+    card_path = _card_path(weights)
     if not card_path.is_file():
         return {}
     try:
@@ -210,9 +211,47 @@ def weights_card(weights: str | Path) -> dict[str, Any]:
             f"{card_path} (the card beside --weights) is not JSON with a 'pretrained_cfg' "
             "object; fix or remove it"
         ) from None
-    return {
+    data = {
         k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in _CARD_DATA_KEYS
     }
+    problem = _card_problem(data)
+    if problem:
+        raise DataError(f"{card_path} (the card beside --weights): {problem}; fix or remove it")
+    return data
+
+
+def _card_path(weights: str | Path) -> Path:
+    # Beside the file as named (a symlinked weights file may have its own card).
+    return Path(weights).with_suffix(".json")
+
+
+def _numbers(value: Any) -> bool:
+    return isinstance(value, tuple) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value
+    )
+
+
+def _card_problem(cfg: dict[str, Any]) -> str | None:
+    """What is wrong with a card's data keys, or None (timm would fail later, obscurely)."""
+    for key in ("mean", "std"):
+        if key in cfg and not (_numbers(cfg[key]) and cfg[key]):
+            return f"{key} must be a list of finite numbers, got {cfg[key]!r}"
+    if "std" in cfg and min(cfg["std"]) <= 0:
+        return f"std must be positive, got {cfg['std']!r}"
+    size = cfg.get("input_size")
+    if size is not None and not (
+        isinstance(size, tuple) and len(size) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
+    ):  # fmt: skip
+        return f"input_size must be [channels, height, width], got {size!r}"
+    if cfg.get("interpolation", "bilinear") not in ("bilinear", "bicubic", "nearest"):
+        return f"interpolation must be bilinear, bicubic or nearest, got {cfg['interpolation']!r}"
+    crop = cfg.get("crop_pct", 1.0)
+    if not (_numbers((crop,)) and 0 < crop <= 1):
+        return f"crop_pct must be in (0, 1], got {crop!r}"
+    if cfg.get("crop_mode", "center") not in ("center", "squash", "border"):
+        return f"crop_mode must be center, squash or border, got {cfg['crop_mode']!r}"
+    return None
 
 
 def create_backbone(

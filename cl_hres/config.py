@@ -142,7 +142,9 @@ class NullSpaceConfig:
     directions hold. Along a direction where new inputs have μ times the old ones' energy,
     an expert moves old features by about ``1/√μ`` of what it moves new ones, so with a
     loose threshold this admits only the banks whose free directions tell the new
-    experience from the old ones (per block and per experience).
+    experience from the old ones (per block and per experience). With ``eta`` < 1 the old
+    share is at least ``1 − eta``, so ``min_selectivity`` > ``1/(1 − eta)`` makes every
+    constrained bank dormant.
     """
 
     rule: str = field(default="relative", metadata={"help": "energy | ratio | relative"})

@@ -120,8 +120,8 @@ class NullSpaceProjectionPlugin(
     def admission_pass(self, strategy) -> AbstractContextManager | None:
         """Context in which a pass over the new experience's data picks dormant banks.
 
-        :meth:`~cl_hres.null_space.NullSpaceGuard.admitting`; None when no projector
-        constrains a bank yet or ``min_free_energy`` is 0.
+        :meth:`~cl_hres.null_space.NullSpaceGuard.admitting`; None when it could make no
+        bank dormant (:attr:`~cl_hres.null_space.NullSpaceGuard.needs_admission_pass`).
         """
         guard = self._guard(strategy)
         return guard.admitting() if guard.needs_admission_pass else None

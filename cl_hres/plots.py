@@ -89,7 +89,18 @@ def plot_comparison(runs: dict[str, list[dict[str, Any]]], path: Path, title: st
     axes[2].set_title("forward transfer vs learning it alone")
     axes[2].set_xlabel("experience")
     axes[2].set_ylabel("percentage points")
-    axes[2].legend(fontsize=8)
+    if axes[2].get_legend_handles_labels()[0]:
+        axes[2].legend(fontsize=8)
+    else:  # runs made with --no-fwt-reference, or a joint run alone
+        axes[2].text(
+            0.5,
+            0.5,
+            "no forward-transfer references",
+            ha="center",
+            va="center",
+            transform=axes[2].transAxes,
+            color="gray",
+        )
     for ax in axes[:2]:
         ax.set_xlabel("after training experience")
         ax.set_ylabel("test accuracy")

@@ -31,7 +31,7 @@ RESUMABLE_KEYS = ("device", "data_root", "num_workers")
 
 # Options added after runs were saved, with the value that reproduces a run saved without
 # them (a resumed run must go on as it started).
-LEGACY_DEFAULTS: dict[str, Any] = {"nsp_min_free_energy": 0.0}
+LEGACY_DEFAULTS: dict[str, Any] = {"nsp_min_free_energy": 0.0, "nsp_min_selectivity": 0.0}
 
 
 def with_legacy_defaults(saved: Mapping[str, Any]) -> dict[str, Any]:

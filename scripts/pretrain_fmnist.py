@@ -24,7 +24,6 @@ the stream's training split with the full test split as its test split (an ``.np
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import json
@@ -60,10 +59,12 @@ def read_idx(path: Path) -> np.ndarray:
 def load_fashion_mnist(root: Path) -> dict[str, torch.Tensor]:
     missing = [f for f in FILES.values() if not (root / f).is_file()]
     if missing:
-        sys.exit(
-            f"pretrain_fmnist: error: {root} lacks {missing[0]}; "
-            "apt-get install dataset-fashion-mnist (or pass --data-dir)"
+        print(
+            f"pretrain_fmnist.py: error: {root} lacks {missing[0]}; "
+            "apt-get install dataset-fashion-mnist (or pass --data-dir)",
+            file=sys.stderr,
         )
+        raise SystemExit(2)
     return {k: torch.from_numpy(read_idx(root / f).copy()) for k, f in FILES.items()}
 
 
@@ -120,7 +121,9 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor, mean: float, std: float) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from cl_hres.cli_options import OneLineParser  # errors: one stderr line, exit 2
+
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", type=Path, default=DATA_DIR)
     p.add_argument("--out", type=Path, default=Path("cl_hres/pretrained"))
     p.add_argument("--epochs", type=int, default=12)
@@ -141,6 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.stream_npz is not None and not args.holdout:
         p.error("--stream-npz needs --holdout N (the stream's training images)")
+    if args.val < 0 or args.holdout < 0 or args.epochs < 0:
+        p.error("--val, --holdout and --epochs must be >= 0")
+    try:
+        classes = sorted({int(c) for c in args.classes.split(",") if c.strip()}) or list(range(10))
+    except ValueError:
+        p.error(f"--classes takes comma-separated class indices 0-9, got {args.classes!r}")
+    if not set(classes) <= set(range(10)) or len(classes) < 2:
+        p.error(f"--classes needs at least two of the classes 0-9, got {args.classes!r}")
 
     from cl_hres.backbones import SHIPPED_ARCH, SHIPPED_TAG, shipped_architecture
 
@@ -149,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     data = load_fashion_mnist(args.data_dir)
     perm = torch.randperm(len(data["train_y"]), generator=gen)
+    if args.val + args.holdout >= len(perm):
+        p.error(f"--val + --holdout leave none of the {len(perm)} training images to pretrain on")
     # perm = [validation | held out for the stream | pretraining pool]: disjoint by slicing.
     val_idx = perm[: args.val]
     held_idx = perm[args.val : args.val + args.holdout]
@@ -167,7 +180,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote the held-out stream {args.stream_npz} ({len(held_idx)} training images)")
         if args.epochs == 0:
             return 0
-    classes = sorted({int(c) for c in args.classes.split(",") if c.strip()}) or list(range(10))
     # Train / validate / test on the chosen classes only, relabelled 0..len(classes)-1.
     relabel = torch.full((10,), -1, dtype=torch.long)
     relabel[classes] = torch.arange(len(classes))

@@ -4,7 +4,8 @@
 # jobs at a time with one thread each: steps 1-4 about 1.5 hours on 2 CPU cores with the
 # sweeps, 35 minutes without; step 5 about 1.5 hours (an estimate from its parts). Sweeps read validation data only; the
 # comparisons read the test split.
-#   SKIP_SWEEPS=1  reruns only the comparisons and the analysis.
+#   SKIP_SWEEPS=1  skips the validation sweeps (steps 1 and 5); step 5 still pretrains its
+#                  backbone (~9 minutes) and makes its two admission runs.
 # Sweeps pin every option that differs between the defaults they chose and the defaults
 # before them (e.g. "concat_pretrained": false for the sweeps run before it became the
 # default), so each reproduces the figures in results/sweeps/*/sweep.md.
@@ -152,6 +153,7 @@ HO="\"benchmark\": \"$H/stream.npz\", \"weights\": \"$H/backbone/fmnist.safetens
   cl-hres compare --strategies hres-nsp,linear --ridge-projection 2000 --seeds 0,1,2 --no-fwt-reference \
     --config benchmarks/heldout-fmnist.yaml --out $H/class-rp2000 --overwrite --no-progress
 ) > $H/sweeps.log 2>&1 &
+side=$!
 # Selectivity measured before training, per block and experience (validation, seed 0):
 # the history's admission_free_energy / admission_old_free_energy.
 for stream in digits heldout; do
@@ -163,4 +165,4 @@ for sc in class task; do
   cl-hres compare --strategies hres-nsp,aper,linear,lora-nsp,joint --scenario $sc --seeds 0,1,2 \
     --config benchmarks/heldout-fmnist.yaml --out $H/$sc --overwrite --no-progress > $H/$sc.log 2>&1
 done
-wait
+wait "$side"  # fails the script if the sweeps or the projection comparison failed

@@ -170,6 +170,21 @@ def test_card_beside_weights_sets_the_input_pipeline(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "mine.json" in err[0] and "pretrained_cfg" in err[0]
     assert not out.exists()
+    # Values timm would trip over later (a traceback, or infinite inputs) are refused too.
+    from cl_hres.backbones import weights_card
+    from cl_hres.errors import DataError
+
+    for bad in (
+        {"mean": 0.5},
+        {"mean": ["a"]},
+        {"std": [0]},
+        {"input_size": 28},
+        {"interpolation": "nope"},
+        {"crop_pct": 1.5},
+    ):
+        weights.with_suffix(".json").write_text(json.dumps({"pretrained_cfg": bad}))
+        with pytest.raises(DataError, match=next(iter(bad))):
+            weights_card(weights)
 
 
 def _write_idx(path, array: np.ndarray) -> None:
@@ -225,3 +240,11 @@ def test_pretraining_script_holds_out_a_stream_and_trains_on_chosen_classes(tmp_
     assert f"classes [0, 1]: {trained} training images" in card["provenance"]["data"]
     # The stream loads as a cl-hres benchmark.
     assert load_npz(stream).num_classes == 10
+    # Bad options: one line, exit 2, nothing written (the stream is written first when
+    # the options are good, so a bad --classes must stop before it).
+    stream.unlink()
+    for bad in (["--classes", "a"], ["--classes", "12"], ["--classes=-1"], ["--holdout=-5"]):
+        with pytest.raises(SystemExit) as exc:
+            script.main([*argv, "--out", str(out), *bad])
+        assert exc.value.code == 2, bad
+        assert not stream.exists()

@@ -90,6 +90,35 @@ def test_tensorboard_and_resume_after_interrupt_without_duplicates(tmp_path, mon
         assert [v for _, v in resumed[tag]] == pytest.approx([v for _, v in series]), tag
 
 
+def test_interrupt_after_logging_before_checkpoint_purges_the_experience_axis(
+    tmp_path, monkeypatch, tiny_run
+):
+    """Ctrl-C after experience 2's per-experience points were logged, before its
+    checkpoint: the resumed run logs them again, TensorBoard keeps one point per step."""
+    import cl_hres.run_loop as run_loop
+
+    original, calls = run_loop.save_checkpoint, {"n": 0}
+
+    def interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(run_loop, "save_checkpoint", interrupt)
+    assert main(["run", "--out", str(out), *TINY]) == 130
+    gc.collect()  # as at process exit: the interrupted run's event files are closed
+    assert [s for s, _ in _scalars(out)["cl/average_accuracy_seen"]] == [1, 2]
+    monkeypatch.setattr(run_loop, "save_checkpoint", original)
+    assert main(["run", "--resume", "--out", str(out), "--no-progress"]) == 0
+    resumed, expected = _scalars(out), _scalars(tiny_run.out)
+    assert resumed.keys() == expected.keys()
+    for tag, series in expected.items():
+        assert [s for s, _ in resumed[tag]] == [s for s, _ in series], tag
+        assert [v for _, v in resumed[tag]] == pytest.approx([v for _, v in series]), tag
+
+
 def test_joint_reference_is_its_average_accuracy(tmp_path):
     out = tmp_path / "joint"
     assert main(["run", "--strategy", "joint", "--out", str(out), "--experiences", "3", *FAST]) == 0
