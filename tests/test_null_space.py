@@ -466,3 +466,10 @@ def test_selectivity_admits_only_banks_whose_free_directions_tell_new_from_old()
     assert new[1] == pytest.approx(0.083, rel=0.3) and old[1] == pytest.approx(1e-4, rel=0.3)
     guard.wake()  # the next experience starts unmeasured
     assert guard.admission_energy == guard.admission_old_energy == [None, None]
+    # A relaxation η < 1 does not switch the ratio test off (it does the energy test).
+    relaxed = NullSpaceConfig(threshold=1e-3, eta=0.9, min_free_energy=1e-6, min_selectivity=10)
+    guard = NullSpaceGuard(banks, relaxed)
+    guard.collect(forward, [(inputs(0.01), inputs(0.01))])
+    assert guard.needs_admission_pass
+    guard.config.min_selectivity = 0.0
+    assert not guard.needs_admission_pass
