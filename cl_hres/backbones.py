@@ -165,8 +165,9 @@ def describe_weights(name: str, pretrained: bool, weights: str | Path | None) ->
     if weights is not None:
         path = Path(weights).resolve()
         desc = {"name": name, "weights": "file", "file": str(path), "sha256": _sha256(path)}
-        if _card_path(weights).is_file():
-            desc["card"] = str(_card_path(weights).resolve())
+        card = _card_path(weights)
+        if card.is_file():
+            desc["card"] = str(card.resolve())
         return desc
     if not pretrained:
         return {"name": name, "weights": "random (seeded)"}
@@ -233,6 +234,8 @@ def _numbers(value: Any) -> bool:
 
 def _card_problem(cfg: dict[str, Any]) -> str | None:
     """What is wrong with a card's data keys, or None (timm would fail later, obscurely)."""
+    from cl_hres.transforms import INTERPOLATIONS
+
     for key in ("mean", "std"):
         if key in cfg and not (_numbers(cfg[key]) and cfg[key]):
             return f"{key} must be a list of finite numbers, got {cfg[key]!r}"
@@ -244,8 +247,8 @@ def _card_problem(cfg: dict[str, Any]) -> str | None:
         and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
     ):  # fmt: skip
         return f"input_size must be [channels, height, width], got {size!r}"
-    if cfg.get("interpolation", "bilinear") not in ("bilinear", "bicubic", "nearest"):
-        return f"interpolation must be bilinear, bicubic or nearest, got {cfg['interpolation']!r}"
+    if cfg.get("interpolation", "bilinear") not in INTERPOLATIONS:
+        return f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {cfg['interpolation']!r}"
     crop = cfg.get("crop_pct", 1.0)
     if not (_numbers((crop,)) and 0 < crop <= 1):
         return f"crop_pct must be in (0, 1], got {crop!r}"

@@ -135,8 +135,9 @@ class NullSpaceGuard:
         # Per bank, after the admission pass of the current experience: the share of its
         # input energy in the free directions before training, and the same share of the
         # older inputs' energy (None: not measured).
-        self.admission_energy: list[float | None] = [None] * len(self.states)
-        self.admission_old_energy: list[float | None] = [None] * len(self.states)
+        self.admission_energy: list[float | None] = []
+        self.admission_old_energy: list[float | None] = []
+        self._forget_admission()
 
     @property
     def accumulators(self) -> list[CovarianceAccumulator]:
@@ -239,8 +240,7 @@ class NullSpaceGuard:
         finally:
             for h in handles:
                 h.remove()
-        self.admission_energy = [None] * len(self.states)
-        self.admission_old_energy = [None] * len(self.states)
+        self._forget_admission()
         for i, acc in pending.items():
             if distributed.is_distributed():
                 distributed.all_reduce_(acc.sums)
@@ -278,6 +278,10 @@ class NullSpaceGuard:
         """Ends the experience's dormancy: every open bank may take the next expert."""
         for state in self.states:
             state.dormant = False
+        self._forget_admission()
+
+    def _forget_admission(self) -> None:
+        """No bank measured by an admission pass (yet, or any more)."""
         self.admission_energy = [None] * len(self.states)
         self.admission_old_energy = [None] * len(self.states)
 

@@ -30,9 +30,11 @@ from cl_hres.errors import ConfigError
 if TYPE_CHECKING:  # this module is imported by config validation: no torch at import
     from torch import nn
 
-__all__ = ["AUGMENT_CHOICES", "build_transforms", "resolve_data_config"]
+__all__ = ["AUGMENT_CHOICES", "INTERPOLATIONS", "build_transforms", "resolve_data_config"]
 
 AUGMENT_CHOICES = ("auto", "crop-flip", "crop", "none")
+# Resampling of a data config's "interpolation" that the pipelines implement.
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 # Random-resized-crop scales of the two augmentation policies.
 _SCALES = {"crop-flip": (0.05, 1.0), "crop": (0.6, 1.0)}
 _RATIO = (3 / 4, 4 / 3)
@@ -130,11 +132,7 @@ def _to_rgb(image):
 def _interpolation(name: str):
     from torchvision.transforms import InterpolationMode
 
-    return {
-        "bilinear": InterpolationMode.BILINEAR,
-        "bicubic": InterpolationMode.BICUBIC,
-        "nearest": InterpolationMode.NEAREST,
-    }.get(name, InterpolationMode.BILINEAR)
+    return InterpolationMode(name) if name in INTERPOLATIONS else InterpolationMode.BILINEAR
 
 
 def _tensor_transforms(cfg: dict[str, Any], augment: str) -> tuple[Any, Any]:
