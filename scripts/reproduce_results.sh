@@ -166,3 +166,8 @@ for sc in class task; do
     --config benchmarks/heldout-fmnist.yaml --out $H/$sc --overwrite --no-progress > $H/$sc.log 2>&1
 done
 wait "$side"  # fails the script if the sweeps or the projection comparison failed
+
+# 6. Per-experience subspaces (EASE-style expansion) on both streams, validation data: the
+# bound with exact old statistics against exemplar-free imputation and a two-stage head.
+python scripts/subspace_bound.py --seeds 0,1,2,3 --out results/subspace-bound/split-digits > /dev/null
+python scripts/subspace_bound.py --seeds 0,1 --set "{$HO}" --out results/subspace-bound/heldout-fmnist > /dev/null

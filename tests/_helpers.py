@@ -1,5 +1,7 @@
 """Shared helpers for the tests (tests/ is on sys.path under pytest's prepend mode)."""
 
+from pathlib import Path
+
 import torch
 
 # Options of the shared tiny runs (conftest's tiny_run, tiny_task_run); a test comparing
@@ -41,3 +43,15 @@ def interrupt_on_second_call(monkeypatch, cls, name: str):
 
     monkeypatch.setattr(cls, name, interrupt)
     return original
+
+
+def tensorboard_scalars(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series ``tag -> [(step, value)]`` of an event directory or file.
+
+    A directory is read as TensorBoard reads it: all its event files, purges applied.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(path))
+    acc.Reload()
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}

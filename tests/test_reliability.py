@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _helpers import TINY, interrupt_on_second_call
+from _helpers import TINY, interrupt_on_second_call, tensorboard_scalars
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -86,25 +86,20 @@ def test_sigkill_during_experience_then_resume_matches_uninterrupted(tmp_path):
 
 def _tensorboard_series(run: Path) -> dict[str, list[int]]:
     """Steps of every series of both event directories (iterations, experiences)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     series = {}
     for sub in ("", "experiences"):
-        acc = EventAccumulator(str(run / "tensorboard" / sub))
-        acc.Reload()
-        series |= {f"{sub}/{t}": [e.step for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+        scalars = tensorboard_scalars(run / "tensorboard" / sub)
+        series |= {f"{sub}/{t}": [step for step, _ in v] for t, v in scalars.items()}
     assert series["experiences/cl/average_accuracy_seen"] == [1, 2, 3]
     return series
 
 
 def _tensorboard_steps(run: Path) -> list[int]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
+    """Steps of the stream accuracy in any event file (each file read alone, no purge)."""
     steps = set()
     for events in (run / "tensorboard").glob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        steps |= {e.step for e in acc.Scalars("Top1_Acc_Stream/eval_phase/test_stream")}
+        series = tensorboard_scalars(events)["Top1_Acc_Stream/eval_phase/test_stream"]
+        steps |= {step for step, _ in series}
     return sorted(steps)
 
 

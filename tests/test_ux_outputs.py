@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _helpers import TINY, interrupt_on_second_call
+from _helpers import TINY, interrupt_on_second_call, tensorboard_scalars
 
 from cl_hres.cli import main
 
@@ -25,12 +25,9 @@ def _scalars(run: Path, axis: str = "experiences") -> dict[str, list[tuple[int, 
     ``axis``: "experiences" (the per-experience ``cl/``, ``nsp/``, ``drift/`` scalars) or
     "iterations" (Avalanche's metrics).
     """
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    sub = run / "tensorboard" / ("experiences" if axis == "experiences" else "")
-    acc = EventAccumulator(str(sub))
-    acc.Reload()
-    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+    return tensorboard_scalars(
+        run / "tensorboard" / ("experiences" if axis == "experiences" else "")
+    )
 
 
 def _snapshot(path: Path) -> dict:

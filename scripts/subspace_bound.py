@@ -1,0 +1,314 @@
+"""Per-experience feature subspaces (EASE-style expansion): what they could give, on VALIDATION data.
+
+Instead of summing every experience's expert into one residual stream (H-Res, where NSP
+must keep old features still), each experience ``k`` gets its own expert trained on that
+experience alone, and the head reads the concatenation ``[φ_pre, φ_1, …, φ_T]`` of the
+frozen backbone's features and of the backbone run with each expert alone. Old features
+never move: expert ``k`` does not touch subspaces ``< k``. The catch is the head: a class
+of experience ``j < k`` was never seen through expert ``k``, so an exemplar-free head
+lacks its statistics in subspace ``k``. This script measures, on the validation split:
+
+* ``frozen``: ridge on ``φ_pre`` (the ``linear`` strategy);
+* ``first-session``: ridge on ``[φ_pre, φ_1]`` (APER; what the shipped H-Res-NSP becomes);
+* ``subspaces, exact``: ridge on all subspaces with the statistics of every image seen
+  through every expert, which needs the old images (exemplars): an **upper bound** of
+  any exemplar-free way to fill the gap;
+* ``subspaces, imputed λ``: the exemplar-free fill of learnable drift compensation
+  (Gomez-Villa et al., ECCV 2024) applied across subspaces: for old experience ``j``, the
+  missing ``φ_k`` is predicted by an affine map of the features it does have
+  (``[φ_pre, φ_1..φ_j]``), fitted by ridge (λ relative to the mean eigenvalue) on
+  experience ``k``'s images, the only ones seen through both;
+* ``two-stage``: the first-session head picks the experience, then that experience's own
+  subspace head (exact: it saw only its own images) picks the class.
+
+Example (the figures quoted in the README):
+    python scripts/subspace_bound.py --seeds 0,1,2,3 --out results/subspace-bound/split-digits
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from cl_hres import _warnings
+from cl_hres.cli_options import OneLineParser
+from cl_hres.compare import mean_std
+from cl_hres.errors import ConfigError
+from cl_hres.fileio import atomic_write_text
+from cl_hres.heads import RidgeHead
+from cl_hres.run_config import RunConfig
+
+IMPUTE_RIDGES = (1e-4, 1e-2, 1.0)
+
+
+@dataclasses.dataclass
+class Features:
+    """Per experience ``j``: ``pre[j]`` (N_j, D), ``sub[k][j]`` (N_j, D) and ``labels[j]``."""
+
+    pre: list[torch.Tensor]
+    sub: list[list[torch.Tensor]]
+    labels: list[torch.Tensor]
+
+
+def _ridge_accuracy(train: list[tuple[torch.Tensor, torch.Tensor]], test) -> float:
+    head = RidgeHead(train[0][0].shape[1])
+    for f, y in train:
+        head.update(f, y)
+    head.fit()
+    correct = sum(int((head(f).argmax(1) == y).sum()) for f, y in test)
+    return 100.0 * correct / sum(len(y) for _, y in test)
+
+
+def _known(feats: Features, j: int, upto: int) -> torch.Tensor:
+    """Experience ``j``'s images through the backbone and the experts ``0..upto``."""
+    return torch.cat([feats.pre[j], *(feats.sub[k][j] for k in range(upto + 1))], 1)
+
+
+def affine_map(inputs: torch.Tensor, targets: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``[A; b]`` minimising ``‖[X, 1]·[A; b] − Y‖² + λ‖A‖²`` (the bias is not penalised)."""
+    x = torch.cat([inputs, inputs.new_ones(len(inputs), 1)], 1).double()
+    gram = x.T @ x
+    penalty = ridge * gram.diagonal()[:-1].mean() * torch.eye(len(gram), dtype=gram.dtype)
+    penalty[-1, -1] = 0
+    return torch.linalg.solve(gram + penalty, x.T @ targets.double())
+
+
+def imputation_map(train: Features, j: int, k: int, ridge: float, *, own: bool) -> torch.Tensor:
+    """Predicts ``φ_k`` of experience ``j``'s images from ``[φ_pre, φ_1..φ_j]``.
+
+    Fitted on experience ``k``'s images (exemplar-free), or with ``own`` on experience
+    ``j``'s own images through expert ``k`` (which needs them: a diagnostic).
+    """
+    fitted_on = j if own else k
+    return affine_map(_known(train, fitted_on, j), train.sub[k][fitted_on], ridge)
+
+
+def _apply(coef: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    ones = known.new_ones(len(known), 1)
+    return (torch.cat([known, ones], 1).double() @ coef).to(known.dtype)
+
+
+def imputed(train: Features, j: int, t: int, ridge: float, *, own: bool = False) -> torch.Tensor:
+    """Experience ``j``'s training features in subspaces ``0..t-1``, those after ``j`` imputed."""
+    known = _known(train, j, j)
+    parts = [known]
+    for k in range(j + 1, t):
+        parts.append(_apply(imputation_map(train, j, k, ridge, own=own), known))
+    return torch.cat(parts, 1)
+
+
+def imputation_errors(train: Features, t: int, ridge: float) -> dict[str, float]:
+    """Mean over pairs ``j < k < t`` of ``‖φ̂_k − φ_k‖ / ‖φ_k − mean‖`` on experience ``j``'s images.
+
+    1 is the error of predicting every image by the mean of its true features.
+    """
+    errors: dict[str, list[float]] = {"new-experience map": [], "own map": []}
+    for k in range(1, t):
+        for j in range(k):
+            true = train.sub[k][j].double()
+            spread = (true - true.mean(0)).norm()
+            for name, own in (("new-experience map", False), ("own map", True)):
+                guess = _apply(imputation_map(train, j, k, ridge, own=own), _known(train, j, j))
+                errors[name].append(float((guess.double() - true).norm() / spread))
+    return {name: sum(v) / len(v) for name, v in errors.items() if v}
+
+
+def accuracies(train: Features, test: Features, t: int) -> dict[str, float]:
+    """Class-incremental accuracy on the test images of experiences ``0..t-1``, per variant."""
+    seen = range(t)
+    test_all = [(_known(test, j, t - 1), test.labels[j]) for j in seen]
+    out = {
+        "frozen": _ridge_accuracy(
+            [(train.pre[j], train.labels[j]) for j in seen],
+            [(test.pre[j], test.labels[j]) for j in seen],
+        ),
+        "first-session": _ridge_accuracy(
+            [(_known(train, j, 0), train.labels[j]) for j in seen],
+            [(_known(test, j, 0), test.labels[j]) for j in seen],
+        ),
+        "subspaces, exact": _ridge_accuracy(
+            [(_known(train, j, t - 1), train.labels[j]) for j in seen], test_all
+        ),
+    }
+    for ridge in IMPUTE_RIDGES:
+        out[f"subspaces, imputed λ={ridge:g}"] = _ridge_accuracy(
+            [(imputed(train, j, t, ridge), train.labels[j]) for j in seen], test_all
+        )
+    out[f"subspaces, imputed by the old images' own map λ={IMPUTE_RIDGES[0]:g} (needs them)"] = (
+        _ridge_accuracy(
+            [(imputed(train, j, t, IMPUTE_RIDGES[0], own=True), train.labels[j]) for j in seen],
+            test_all,
+        )
+    )
+    out["two-stage"] = two_stage(train, test, t)
+    return out
+
+
+def two_stage(train: Features, test: Features, t: int) -> float:
+    """Experience by the first-session head, then the class by that experience's subspace."""
+    first = RidgeHead(2 * train.pre[0].shape[1])
+    owner: dict[int, int] = {}
+    own_heads = []
+    for j in range(t):
+        first.update(_known(train, j, 0), train.labels[j])
+        own = RidgeHead(2 * train.pre[0].shape[1])
+        own.update(torch.cat([train.pre[j], train.sub[j][j]], 1), train.labels[j])
+        own.fit()
+        own_heads.append(own)
+        owner.update({int(c): j for c in train.labels[j].unique()})
+    first.fit()
+    correct = total = 0
+    for j in range(t):
+        picked = first(_known(test, j, 0)).argmax(1)
+        experience = torch.tensor([owner[int(c)] for c in picked])
+        for k in experience.unique().tolist():
+            rows = experience == k
+            f = torch.cat([test.pre[j][rows], test.sub[k][j][rows]], 1)
+            correct += int((own_heads[k](f).argmax(1) == test.labels[j][rows]).sum())
+        total += len(test.labels[j])
+    return 100.0 * correct / total
+
+
+@torch.no_grad()
+def _features(models: Sequence[torch.nn.Module], experiences, batch_size: int) -> Features:
+    pre, labels = [], []
+    sub: list[list[torch.Tensor]] = [[] for _ in models]
+    for exp in experiences:
+        loader = DataLoader(exp.dataset.eval(), batch_size=batch_size, shuffle=False)
+        chunks: list[list[torch.Tensor]] = [[] for _ in range(len(models) + 2)]
+        for batch in loader:
+            with models[0].experts_disabled():
+                chunks[0].append(models[0].backbone_features(batch[0]))
+            for k, model in enumerate(models):
+                chunks[k + 1].append(model.backbone_features(batch[0]))
+            chunks[-1].append(batch[1])
+        pre.append(torch.cat(chunks[0]).float())
+        for k in range(len(models)):
+            sub[k].append(torch.cat(chunks[k + 1]).float())
+        labels.append(torch.cat(chunks[-1]))
+    return Features(pre, sub, labels)
+
+
+def run_seed(options: dict, seed: int, validation: float) -> dict[str, dict[str, float]]:
+    """Trains one expert per experience alone and scores every variant after each experience."""
+    from cl_hres.benchmarks import build_stream
+    from cl_hres.forward_transfer import method_family
+    from cl_hres.run_session import make_strategy, seed_everything
+    from cl_hres.runner import prepare
+
+    cfg = RunConfig.from_dict(dict(options, seed=seed, validation=validation))
+    cfg = RunConfig.from_dict(dict(cfg.to_dict(), strategy=method_family(cfg.strategy)))
+    prep = prepare(cfg)
+    seed_everything(seed)
+    stream = build_stream(
+        prep.data,
+        experiences=prep.experiences,
+        scenario=cfg.scenario,
+        seed=seed,
+        transforms=prep.transforms,
+    )
+    pristine = copy.deepcopy(prep.backbone)
+    models = []
+    for exp in stream.train_stream:
+        alone = dataclasses.replace(prep, backbone=copy.deepcopy(pristine))
+        seed_everything(seed)  # as the stream's run and the FWT references are seeded
+        strategy, _ = make_strategy(alone, None)
+        seed_everything(seed)
+        strategy.train(exp)
+        models.append(strategy.model.eval())
+    train = _features(models, stream.train_stream, cfg.eval_batch_size)
+    test = _features(models, stream.test_stream, cfg.eval_batch_size)
+    t = len(models)
+    return {
+        "accuracy": {str(i): accuracies(train, test, i) for i in range(1, t + 1)},
+        "imputation_error": imputation_errors(train, t, IMPUTE_RIDGES[0]),
+    }
+
+
+def main() -> int:
+    p = OneLineParser(description=__doc__.splitlines()[0])
+    p.add_argument("--set", default="{}", help="JSON: options (default: the shipped ones)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds")
+    p.add_argument("--validation", type=float, default=0.2, help="train fraction held out")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    _warnings.show_as_one_line()
+    if not 0 < args.validation < 1:
+        p.error("--validation must be in (0, 1): this measurement never looks at the test split")
+    given = p.json_option("--set", args.set)
+    if not isinstance(given, dict):
+        p.error("--set must be a JSON object of option -> value")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    options = {"strategy": "hres-nsp", "fwt_reference": False, **given}
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        p.error(f"--out: cannot create {args.out} ({exc.strerror})")
+    try:
+        per_seed = {str(s): run_seed(options, s, args.validation) for s in seeds}
+    except ConfigError as exc:
+        p.error(str(exc))
+    final = {
+        s: max(r["accuracy"].items(), key=lambda kv: int(kv[0]))[1] for s, r in per_seed.items()
+    }
+    variants = list(final[str(seeds[0])])
+    summary = {v: mean_std([final[str(s)][v] / 100 for s in seeds]) for v in variants}
+    gaps = {
+        v: mean_std([(final[str(s)][v] - final[str(s)]["first-session"]) / 100 for s in seeds])
+        for v in variants
+    }
+    errors = {
+        name: mean_std([per_seed[str(s)]["imputation_error"][name] for s in seeds])
+        for name in per_seed[str(seeds[0])]["imputation_error"]
+    }
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    atomic_write_text(
+        args.out / "subspace_bound.json",
+        json.dumps(
+            {"command": command, "options": options, "seeds": seeds, "per_seed": per_seed},
+            indent=1,
+        ),
+    )
+    lines = [
+        f"`{command}`",
+        "",
+        f"Options {json.dumps(options)} ({options['strategy']}'s method trains each expert "
+        f"alone), {args.validation:.0%} of the training split as validation, seeds "
+        f"{', '.join(map(str, seeds))}. Class-incremental accuracy after the last "
+        "experience (mean ± sample std over seeds) and its gap to first-session "
+        "adaptation, paired by seed:",
+        "",
+        "| variant | final acc (%) | vs first-session (pp) |",
+        "|---|---|---|",
+    ]
+    for v in variants:
+        m, g = summary[v], gaps[v]
+        lines.append(
+            f"| {v} | {100 * m['mean']:.2f} ± {100 * m['std']:.2f} "
+            f"| {100 * g['mean']:+.2f} ± {100 * g['std']:.2f} |"
+        )
+    lines += [
+        "",
+        f"Imputation error on old images (λ={IMPUTE_RIDGES[0]:g}; "
+        "‖φ̂_k − φ_k‖ / ‖φ_k − mean‖ over pairs j < k, 1 = predicting the mean): "
+        + "; ".join(f"{n} {e['mean']:.3f} ± {e['std']:.3f}" for n, e in errors.items())
+        + ".",
+    ]
+    atomic_write_text(args.out / "subspace_bound.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
