@@ -31,6 +31,7 @@ from cl_hres.checkpoint import (
     rebuild_structure,
 )
 from cl_hres.errors import CheckpointError
+from cl_hres.experience_data import evaluating
 from cl_hres.fileio import atomic_write_text
 from cl_hres.model import ContinualViT
 
@@ -70,8 +71,7 @@ def _capture_attention(backbone: nn.Module, prefix_tokens: int):
 def attention_statistics(model: nn.Module, x: torch.Tensor) -> list[dict[str, float]]:
     """Per block: cls attention entropy (nats) and sequence length for images ``x``."""
     backbone = model.backbone if isinstance(model, ContinualViT) else model
-    backbone.eval()
-    with _capture_attention(backbone, backbone.num_prefix_tokens) as records:
+    with evaluating(backbone), _capture_attention(backbone, backbone.num_prefix_tokens) as records:
         backbone.forward_features(x)
     return list(records)
 

@@ -13,6 +13,8 @@ lacks its statistics in subspace ``k``. This script measures, on the validation 
 * ``subspaces, exact``: ridge on all subspaces with the statistics of every image seen
   through every expert, which needs the old images (exemplars): an **upper bound** of
   any exemplar-free way to fill the gap;
+* ``subspaces, exact class means, cosine head``: EASE's head family (cosine similarity to
+  class prototypes) with the exact prototypes, the bound of its prototype complement;
 * ``subspaces, imputed λ``: the exemplar-free fill of learnable drift compensation
   (Gomez-Villa et al., ECCV 2024) applied across subspaces: for old experience ``j``, the
   missing ``φ_k`` is predicted by an affine map of the features it does have
@@ -43,7 +45,7 @@ from cl_hres.cli_options import OneLineParser
 from cl_hres.compare import mean_std
 from cl_hres.errors import ConfigError
 from cl_hres.fileio import atomic_write_text
-from cl_hres.heads import RidgeHead
+from cl_hres.heads import NCMHead, RidgeHead, StatisticsHead
 from cl_hres.run_config import RunConfig
 
 IMPUTE_RIDGES = (1e-4, 1e-2, 1.0)
@@ -58,8 +60,13 @@ class Features:
     labels: list[torch.Tensor]
 
 
-def _ridge_accuracy(train: list[tuple[torch.Tensor, torch.Tensor]], test) -> float:
-    head = RidgeHead(train[0][0].shape[1])
+def _accuracy(
+    train: list[tuple[torch.Tensor, torch.Tensor]],
+    test: list[tuple[torch.Tensor, torch.Tensor]],
+    head_type: type[StatisticsHead] = RidgeHead,
+) -> float:
+    """Accuracy (%) on ``test`` of a statistics head fitted on ``train`` (features, labels)."""
+    head = head_type(train[0][0].shape[1])
     for f, y in train:
         head.update(f, y)
     head.fit()
@@ -126,24 +133,29 @@ def accuracies(train: Features, test: Features, t: int) -> dict[str, float]:
     seen = range(t)
     test_all = [(_known(test, j, t - 1), test.labels[j]) for j in seen]
     out = {
-        "frozen": _ridge_accuracy(
+        "frozen": _accuracy(
             [(train.pre[j], train.labels[j]) for j in seen],
             [(test.pre[j], test.labels[j]) for j in seen],
         ),
-        "first-session": _ridge_accuracy(
+        "first-session": _accuracy(
             [(_known(train, j, 0), train.labels[j]) for j in seen],
             [(_known(test, j, 0), test.labels[j]) for j in seen],
         ),
-        "subspaces, exact": _ridge_accuracy(
+        "subspaces, exact": _accuracy(
             [(_known(train, j, t - 1), train.labels[j]) for j in seen], test_all
         ),
     }
+    # EASE's head family: cosine to class means. With exact means it bounds any
+    # prototype complement (EASE's semantic one included).
+    out["subspaces, exact class means, cosine head"] = _accuracy(
+        [(_known(train, j, t - 1), train.labels[j]) for j in seen], test_all, head_type=NCMHead
+    )
     for ridge in IMPUTE_RIDGES:
-        out[f"subspaces, imputed λ={ridge:g}"] = _ridge_accuracy(
+        out[f"subspaces, imputed λ={ridge:g}"] = _accuracy(
             [(imputed(train, j, t, ridge), train.labels[j]) for j in seen], test_all
         )
     out[f"subspaces, imputed by the old images' own map λ={IMPUTE_RIDGES[0]:g} (needs them)"] = (
-        _ridge_accuracy(
+        _accuracy(
             [(imputed(train, j, t, IMPUTE_RIDGES[0], own=True), train.labels[j]) for j in seen],
             test_all,
         )

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from cl_hres.analysis import collapse_ratio
+from cl_hres.analysis import attention_statistics, collapse_ratio
 from cl_hres.cli import main
 from cl_hres.heads import NCMHead, RidgeHead
 from cl_hres.plugins import FeatureProbes
@@ -64,6 +64,14 @@ def test_collapse_ratio_orders_tight_and_loose_clusters():
     x, y = _blobs()
     tight = collapse_ratio(x, y)
     assert tight < collapse_ratio(x + 5 * torch.randn_like(x), y)
+
+
+def test_attention_statistics_leave_the_model_in_its_mode():
+    from _helpers import make_vit
+
+    vit = make_vit().train()
+    stats = attention_statistics(vit, torch.randn(3, 1, 8, 8))
+    assert len(stats) == 2 and vit.training  # measured in eval mode, training mode restored
 
 
 def test_analyze_reports_claims_on_a_tiny_run(tmp_path, capsys, tiny_run):
