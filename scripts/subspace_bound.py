@@ -13,15 +13,23 @@ lacks its statistics in subspace ``k``. This script measures, on the validation 
 * ``subspaces, exact``: ridge on all subspaces with the statistics of every image seen
   through every expert, which needs the old images (exemplars): an **upper bound** of
   any exemplar-free way to fill the gap;
-* ``subspaces, exact class means, cosine head``: EASE's head family (cosine similarity to
-  class prototypes) with the exact prototypes, the bound of its prototype complement;
+* ``first-session, cosine head`` and ``subspaces, exact class means, cosine head``:
+  EASE's head family (cosine similarity to class prototypes), the latter with the exact
+  prototypes its semantic complement estimates;
 * ``subspaces, imputed λ``: the exemplar-free fill of learnable drift compensation
   (Gomez-Villa et al., ECCV 2024) applied across subspaces: for old experience ``j``, the
   missing ``φ_k`` is predicted by an affine map of the features it does have
   (``[φ_pre, φ_1..φ_j]``), fitted by ridge (λ relative to the mean eigenvalue) on
   experience ``k``'s images, the only ones seen through both;
+* ``subspaces, imputed by the old images' own map``: the same map fitted on the old
+  images themselves (needs them; cross-fitted in two halves): is the failure the map's
+  transfer from new to old classes, or the affine form?
 * ``two-stage``: the first-session head picks the experience, then that experience's own
-  subspace head (exact: it saw only its own images) picks the class.
+  subspace head (exact: it saw only its own images) picks the class; with how often the
+  first stage picks the right experience.
+
+Accuracies are final average accuracies (the mean over experiences of the accuracy on
+each experience's validation images), as in ``cl-hres`` runs and ``scripts/sweep.py``.
 
 Example (the figures quoted in the README):
     python scripts/subspace_bound.py --seeds 0,1,2,3 --out results/subspace-bound/split-digits
@@ -43,10 +51,11 @@ from torch.utils.data import DataLoader
 from cl_hres import _warnings
 from cl_hres.cli_options import OneLineParser
 from cl_hres.compare import mean_std
-from cl_hres.errors import ConfigError
+from cl_hres.errors import ClHresError
 from cl_hres.fileio import atomic_write_text
 from cl_hres.heads import NCMHead, RidgeHead, StatisticsHead
 from cl_hres.run_config import RunConfig
+from cl_hres.runner import prepare
 
 IMPUTE_RIDGES = (1e-4, 1e-2, 1.0)
 
@@ -65,13 +74,16 @@ def _accuracy(
     test: list[tuple[torch.Tensor, torch.Tensor]],
     head_type: type[StatisticsHead] = RidgeHead,
 ) -> float:
-    """Accuracy (%) on ``test`` of a statistics head fitted on ``train`` (features, labels)."""
+    """Accuracy (%) of a statistics head fitted on ``train``, averaged over ``test``'s groups.
+
+    Both are lists of (features, labels), one per experience; the mean over experiences of
+    the accuracy on each is the final average accuracy of ``cl-hres`` runs and sweeps.
+    """
     head = head_type(train[0][0].shape[1])
     for f, y in train:
         head.update(f, y)
     head.fit()
-    correct = sum(int((head(f).argmax(1) == y).sum()) for f, y in test)
-    return 100.0 * correct / sum(len(y) for _, y in test)
+    return 100.0 * sum(float((head(f).argmax(1) == y).float().mean()) for f, y in test) / len(test)
 
 
 def _known(feats: Features, j: int, upto: int) -> torch.Tensor:
@@ -88,27 +100,34 @@ def affine_map(inputs: torch.Tensor, targets: torch.Tensor, ridge: float) -> tor
     return torch.linalg.solve(gram + penalty, x.T @ targets.double())
 
 
-def imputation_map(train: Features, j: int, k: int, ridge: float, *, own: bool) -> torch.Tensor:
-    """Predicts ``φ_k`` of experience ``j``'s images from ``[φ_pre, φ_1..φ_j]``.
-
-    Fitted on experience ``k``'s images (exemplar-free), or with ``own`` on experience
-    ``j``'s own images through expert ``k`` (which needs them: a diagnostic).
-    """
-    fitted_on = j if own else k
-    return affine_map(_known(train, fitted_on, j), train.sub[k][fitted_on], ridge)
-
-
 def _apply(coef: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
     ones = known.new_ones(len(known), 1)
     return (torch.cat([known, ones], 1).double() @ coef).to(known.dtype)
 
 
+def imputed_subspace(train: Features, j: int, k: int, ridge: float, *, own: bool) -> torch.Tensor:
+    """``φ_k`` of experience ``j``'s images predicted from ``[φ_pre, φ_1..φ_j]``.
+
+    The affine map is fitted on experience ``k``'s images (exemplar-free), or with ``own``
+    on experience ``j``'s own images through expert ``k`` (which needs them: a diagnostic),
+    cross-fitted in two halves (each half imputed by the map of the other), so that its
+    error is measured on images the map did not see.
+    """
+    known = _known(train, j, j)
+    if not own:
+        return _apply(affine_map(_known(train, k, j), train.sub[k][k], ridge), known)
+    halves = torch.arange(len(known)) % 2 == 0
+    out = torch.empty_like(train.sub[k][j])
+    for fit in (halves, ~halves):
+        coef = affine_map(known[fit], train.sub[k][j][fit], ridge)
+        out[~fit] = _apply(coef, known[~fit])
+    return out
+
+
 def imputed(train: Features, j: int, t: int, ridge: float, *, own: bool = False) -> torch.Tensor:
     """Experience ``j``'s training features in subspaces ``0..t-1``, those after ``j`` imputed."""
-    known = _known(train, j, j)
-    parts = [known]
-    for k in range(j + 1, t):
-        parts.append(_apply(imputation_map(train, j, k, ridge, own=own), known))
+    parts = [_known(train, j, j)]
+    parts += [imputed_subspace(train, j, k, ridge, own=own) for k in range(j + 1, t)]
     return torch.cat(parts, 1)
 
 
@@ -123,8 +142,8 @@ def imputation_errors(train: Features, t: int, ridge: float) -> dict[str, float]
             true = train.sub[k][j].double()
             spread = (true - true.mean(0)).norm()
             for name, own in (("new-experience map", False), ("own map", True)):
-                guess = _apply(imputation_map(train, j, k, ridge, own=own), _known(train, j, j))
-                errors[name].append(float((guess.double() - true).norm() / spread))
+                guess = imputed_subspace(train, j, k, ridge, own=own).double()
+                errors[name].append(float((guess - true).norm() / spread))
     return {name: sum(v) / len(v) for name, v in errors.items() if v}
 
 
@@ -145,8 +164,13 @@ def accuracies(train: Features, test: Features, t: int) -> dict[str, float]:
             [(_known(train, j, t - 1), train.labels[j]) for j in seen], test_all
         ),
     }
-    # EASE's head family: cosine to class means. With exact means it bounds any
-    # prototype complement (EASE's semantic one included).
+    # EASE's head family: cosine to class means, on first-session features and with the
+    # exact means of every subspace (what its semantic prototype complement estimates).
+    out["first-session, cosine head"] = _accuracy(
+        [(_known(train, j, 0), train.labels[j]) for j in seen],
+        [(_known(test, j, 0), test.labels[j]) for j in seen],
+        head_type=NCMHead,
+    )
     out["subspaces, exact class means, cosine head"] = _accuracy(
         [(_known(train, j, t - 1), train.labels[j]) for j in seen], test_all, head_type=NCMHead
     )
@@ -154,18 +178,21 @@ def accuracies(train: Features, test: Features, t: int) -> dict[str, float]:
         out[f"subspaces, imputed λ={ridge:g}"] = _accuracy(
             [(imputed(train, j, t, ridge), train.labels[j]) for j in seen], test_all
         )
-    out[f"subspaces, imputed by the old images' own map λ={IMPUTE_RIDGES[0]:g} (needs them)"] = (
-        _accuracy(
-            [(imputed(train, j, t, IMPUTE_RIDGES[0], own=True), train.labels[j]) for j in seen],
-            test_all,
+    for ridge in IMPUTE_RIDGES:
+        out[f"subspaces, imputed by the old images' own map λ={ridge:g} (needs them)"] = _accuracy(
+            [(imputed(train, j, t, ridge, own=True), train.labels[j]) for j in seen], test_all
         )
-    )
-    out["two-stage"] = two_stage(train, test, t)
+    out["two-stage"] = two_stage(train, test, t)[0]
     return out
 
 
-def two_stage(train: Features, test: Features, t: int) -> float:
-    """Experience by the first-session head, then the class by that experience's subspace."""
+def two_stage(train: Features, test: Features, t: int) -> tuple[float, float]:
+    """Experience by the first-session head, then the class by that experience's subspace.
+
+    Returns:
+        The accuracy (%, averaged over experiences) and how often (%, likewise) the first
+        stage picks the image's own experience.
+    """
     first = RidgeHead(2 * train.pre[0].shape[1])
     owner: dict[int, int] = {}
     own_heads = []
@@ -177,48 +204,69 @@ def two_stage(train: Features, test: Features, t: int) -> float:
         own_heads.append(own)
         owner.update({int(c): j for c in train.labels[j].unique()})
     first.fit()
-    correct = total = 0
+    accuracy = routed = 0.0
     for j in range(t):
         picked = first(_known(test, j, 0)).argmax(1)
         experience = torch.tensor([owner[int(c)] for c in picked])
+        correct = 0
         for k in experience.unique().tolist():
             rows = experience == k
             f = torch.cat([test.pre[j][rows], test.sub[k][j][rows]], 1)
             correct += int((own_heads[k](f).argmax(1) == test.labels[j][rows]).sum())
-        total += len(test.labels[j])
-    return 100.0 * correct / total
+        accuracy += correct / len(test.labels[j])
+        routed += float((experience == j).float().mean())
+    return 100.0 * accuracy / t, 100.0 * routed / t
 
 
 @torch.no_grad()
-def _features(models: Sequence[torch.nn.Module], experiences, batch_size: int) -> Features:
+def _features(
+    pristine: torch.nn.Module,
+    models: Sequence[torch.nn.Module],
+    experiences,
+    batch_size: int,
+    device: str,
+) -> Features:
+    """Every experience's images through the untouched backbone and through each model."""
     pre, labels = [], []
     sub: list[list[torch.Tensor]] = [[] for _ in models]
     for exp in experiences:
         loader = DataLoader(exp.dataset.eval(), batch_size=batch_size, shuffle=False)
         chunks: list[list[torch.Tensor]] = [[] for _ in range(len(models) + 2)]
         for batch in loader:
-            with models[0].experts_disabled():
-                chunks[0].append(models[0].backbone_features(batch[0]))
+            x = batch[0].to(device)
+            tokens = pristine.forward_features(x)
+            chunks[0].append(pristine.forward_head(tokens, pre_logits=True).float().cpu())
             for k, model in enumerate(models):
-                chunks[k + 1].append(model.backbone_features(batch[0]))
+                chunks[k + 1].append(model.backbone_features(x).float().cpu())
             chunks[-1].append(batch[1])
-        pre.append(torch.cat(chunks[0]).float())
+        pre.append(torch.cat(chunks[0]))
         for k in range(len(models)):
-            sub[k].append(torch.cat(chunks[k + 1]).float())
+            sub[k].append(torch.cat(chunks[k + 1]))
         labels.append(torch.cat(chunks[-1]))
     return Features(pre, sub, labels)
 
 
-def run_seed(options: dict, seed: int, validation: float) -> dict[str, dict[str, float]]:
-    """Trains one expert per experience alone and scores every variant after each experience."""
-    from cl_hres.benchmarks import build_stream
+def seed_config(options: dict, seed: int, validation: float) -> RunConfig:
+    """The run's config for ``seed``, with the strategy's method (which trains each expert)."""
     from cl_hres.forward_transfer import method_family
-    from cl_hres.run_session import make_strategy, seed_everything
-    from cl_hres.runner import prepare
 
     cfg = RunConfig.from_dict(dict(options, seed=seed, validation=validation))
     cfg = RunConfig.from_dict(dict(cfg.to_dict(), strategy=method_family(cfg.strategy)))
+    cfg.validate()
+    return cfg
+
+
+def run_seed(cfg: RunConfig) -> dict[str, dict[str, float]]:
+    """Trains one expert per experience alone and scores every variant after each experience."""
+    from cl_hres.benchmarks import build_stream
+    from cl_hres.loaders import apply_threads, resolve_loader_settings
+    from cl_hres.run_session import make_strategy, seed_everything
+
+    seed = cfg.seed
     prep = prepare(cfg)
+    # Loaders and threads as a run of the stream has them (cl_hres.loaders).
+    loader = resolve_loader_settings(cfg.num_workers, device=cfg.device, kind=prep.data.kind)
+    apply_threads(loader)
     seed_everything(seed)
     stream = build_stream(
         prep.data,
@@ -234,14 +282,19 @@ def run_seed(options: dict, seed: int, validation: float) -> dict[str, dict[str,
         seed_everything(seed)  # as the stream's run and the FWT references are seeded
         strategy, _ = make_strategy(alone, None)
         seed_everything(seed)
-        strategy.train(exp)
+        strategy.train(exp, **loader.strategy_kwargs())
         models.append(strategy.model.eval())
-    train = _features(models, stream.train_stream, cfg.eval_batch_size)
-    test = _features(models, stream.test_stream, cfg.eval_batch_size)
+    pristine = pristine.to(cfg.device).eval()
+    train = _features(pristine, models, stream.train_stream, cfg.eval_batch_size, cfg.device)
+    test = _features(pristine, models, stream.test_stream, cfg.eval_batch_size, cfg.device)
     t = len(models)
     return {
         "accuracy": {str(i): accuracies(train, test, i) for i in range(1, t + 1)},
-        "imputation_error": imputation_errors(train, t, IMPUTE_RIDGES[0]),
+        # How often (%, averaged over experiences) two-stage's first stage is right.
+        "experience_chosen_right": two_stage(train, test, t)[1],
+        "imputation_error": {
+            f"{ridge:g}": imputation_errors(train, t, ridge) for ridge in IMPUTE_RIDGES
+        },
     }
 
 
@@ -262,14 +315,21 @@ def main() -> int:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        p.error(f"--seeds must not repeat a seed, got {args.seeds!r}")
     options = {"strategy": "hres-nsp", "fwt_reference": False, **given}
+    try:  # every config checked, and data and weights loaded once, before anything is written
+        configs = [seed_config(options, s, args.validation) for s in seeds]
+        prepare(RunConfig.from_dict(configs[0].to_dict()))
+    except ClHresError as exc:
+        p.error(str(exc))
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         p.error(f"--out: cannot create {args.out} ({exc.strerror})")
     try:
-        per_seed = {str(s): run_seed(options, s, args.validation) for s in seeds}
-    except ConfigError as exc:
+        per_seed = {str(cfg.seed): run_seed(cfg) for cfg in configs}
+    except ClHresError as exc:
         p.error(str(exc))
     final = {
         s: max(r["accuracy"].items(), key=lambda kv: int(kv[0]))[1] for s, r in per_seed.items()
@@ -281,8 +341,11 @@ def main() -> int:
         for v in variants
     }
     errors = {
-        name: mean_std([per_seed[str(s)]["imputation_error"][name] for s in seeds])
-        for name in per_seed[str(seeds[0])]["imputation_error"]
+        ridge: {
+            name: mean_std([per_seed[str(s)]["imputation_error"][ridge][name] for s in seeds])
+            for name in by_name
+        }
+        for ridge, by_name in per_seed[str(seeds[0])]["imputation_error"].items()
     }
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     atomic_write_text(
@@ -310,13 +373,24 @@ def main() -> int:
             f"| {v} | {100 * m['mean']:.2f} ± {100 * m['std']:.2f} "
             f"| {100 * g['mean']:+.2f} ± {100 * g['std']:.2f} |"
         )
+    routed = mean_std([per_seed[str(s)]["experience_chosen_right"] / 100 for s in seeds])
     lines += [
         "",
-        f"Imputation error on old images (λ={IMPUTE_RIDGES[0]:g}; "
-        "‖φ̂_k − φ_k‖ / ‖φ_k − mean‖ over pairs j < k, 1 = predicting the mean): "
-        + "; ".join(f"{n} {e['mean']:.3f} ± {e['std']:.3f}" for n, e in errors.items())
-        + ".",
+        "Two-stage's first stage picks the image's own experience for "
+        f"{100 * routed['mean']:.2f} ± {100 * routed['std']:.2f}% of the images.",
+        "",
+        "Imputation error on old images (‖φ̂_k − φ_k‖ / ‖φ_k − mean‖, mean over pairs j < k; "
+        "1 = predicting every image by the mean; the own map cross-fitted in two halves):",
+        "",
+        "| λ | " + " | ".join(next(iter(errors.values()))) + " |",
+        "|---" * (1 + len(next(iter(errors.values())))) + "|",
     ]
+    for ridge, by_name in errors.items():
+        lines.append(
+            f"| {ridge} | "
+            + " | ".join(f"{e['mean']:.3f} ± {e['std']:.3f}" for e in by_name.values())
+            + " |"
+        )
     atomic_write_text(args.out / "subspace_bound.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
