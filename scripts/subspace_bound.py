@@ -24,6 +24,8 @@ lacks its statistics in subspace ``k``. This script measures, on the validation 
 * ``subspaces, imputed by the old images' own map``: the same map fitted on the old
   images themselves (needs them; cross-fitted in two halves): is the failure the map's
   transfer from new to old classes, or the affine form?
+* ``subspaces, own map fitted on M stored images per class``: the same with an exemplar
+  memory of M images per class (their own features exact): does a small memory suffice?
 * ``two-stage``: the first-session head picks the experience, then that experience's own
   subspace head (exact: it saw only its own images) picks the class; with how often the
   first stage picks the right experience.
@@ -58,6 +60,8 @@ from cl_hres.run_config import RunConfig
 from cl_hres.runner import prepare
 
 IMPUTE_RIDGES = (1e-4, 1e-2, 1.0)
+EXEMPLARS = (20, 50)  # stored images per class for the exemplar-memory variant
+EXEMPLAR_RIDGE = 1e-2
 
 
 @dataclasses.dataclass
@@ -105,17 +109,29 @@ def _apply(coef: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
     return (torch.cat([known, ones], 1).double() @ coef).to(known.dtype)
 
 
-def imputed_subspace(train: Features, j: int, k: int, ridge: float, *, own: bool) -> torch.Tensor:
+def imputed_subspace(
+    train: Features, j: int, k: int, ridge: float, *, own: bool, exemplars: int = 0
+) -> torch.Tensor:
     """``φ_k`` of experience ``j``'s images predicted from ``[φ_pre, φ_1..φ_j]``.
 
     The affine map is fitted on experience ``k``'s images (exemplar-free), or with ``own``
     on experience ``j``'s own images through expert ``k`` (which needs them: a diagnostic),
     cross-fitted in two halves (each half imputed by the map of the other), so that its
-    error is measured on images the map did not see.
+    error is measured on images the map did not see. With ``exemplars`` = M > 0 the own
+    map is fitted on the first M images of each class only (an exemplar memory), whose
+    own features are then exact.
     """
     known = _known(train, j, j)
     if not own:
         return _apply(affine_map(_known(train, k, j), train.sub[k][k], ridge), known)
+    if exemplars:
+        labels = train.labels[j]
+        stored = torch.zeros(len(labels), dtype=torch.bool)
+        for c in labels.unique():
+            stored[torch.nonzero(labels == c).flatten()[:exemplars]] = True
+        out = _apply(affine_map(known[stored], train.sub[k][j][stored], ridge), known)
+        out[stored] = train.sub[k][j][stored]
+        return out
     halves = torch.arange(len(known)) % 2 == 0
     out = torch.empty_like(train.sub[k][j])
     for fit in (halves, ~halves):
@@ -124,10 +140,14 @@ def imputed_subspace(train: Features, j: int, k: int, ridge: float, *, own: bool
     return out
 
 
-def imputed(train: Features, j: int, t: int, ridge: float, *, own: bool = False) -> torch.Tensor:
+def imputed(
+    train: Features, j: int, t: int, ridge: float, *, own: bool = False, exemplars: int = 0
+) -> torch.Tensor:
     """Experience ``j``'s training features in subspaces ``0..t-1``, those after ``j`` imputed."""
     parts = [_known(train, j, j)]
-    parts += [imputed_subspace(train, j, k, ridge, own=own) for k in range(j + 1, t)]
+    parts += [
+        imputed_subspace(train, j, k, ridge, own=own, exemplars=exemplars) for k in range(j + 1, t)
+    ]
     return torch.cat(parts, 1)
 
 
@@ -181,6 +201,16 @@ def accuracies(train: Features, test: Features, t: int) -> dict[str, float]:
     for ridge in IMPUTE_RIDGES:
         out[f"subspaces, imputed by the old images' own map λ={ridge:g} (needs them)"] = _accuracy(
             [(imputed(train, j, t, ridge, own=True), train.labels[j]) for j in seen], test_all
+        )
+    for m in EXEMPLARS:
+        out[f"subspaces, own map fitted on {m} stored images per class λ={EXEMPLAR_RIDGE:g}"] = (
+            _accuracy(
+                [
+                    (imputed(train, j, t, EXEMPLAR_RIDGE, own=True, exemplars=m), train.labels[j])
+                    for j in seen
+                ],
+                test_all,
+            )
         )
     out["two-stage"] = two_stage(train, test, t)[0]
     return out

@@ -56,6 +56,15 @@ def test_imputation_error_sees_a_map_that_differs_between_experiences():
     assert errors["new-experience map"] > 0.1
 
 
+def test_an_exemplar_memory_fits_the_old_images_own_map():
+    train = _affine_features(shared=False)  # each experience has its own map
+    got = sb.imputed_subspace(train, 0, 2, 1e-9, own=True, exemplars=5)
+    assert torch.allclose(got, train.sub[2][0], atol=1e-3 * train.sub[2][0].abs().max())
+    # The new experience's map is wrong on these images.
+    wrong = sb.imputed_subspace(train, 0, 2, 1e-9, own=False)
+    assert not torch.allclose(wrong, train.sub[2][0], atol=1e-1 * train.sub[2][0].abs().max())
+
+
 def test_every_variant_is_scored_and_shared_maps_impute_the_exact_statistics(monkeypatch):
     # The synthetic subspaces are exact functions of the frozen features (a rank-deficient
     # concatenation), so only a tiny ridge imputes them closely enough for the head.
