@@ -149,6 +149,11 @@ HO="\"benchmark\": \"$H/stream.npz\", \"weights\": \"$H/backbone/fmnist.safetens
     # RanPAC's random projection before the ridge head (rp = 0: the rows above).
     $S --out $H/sweeps/ridge-projection --base "{$HO}" \
        --grid '{"strategy": ["hres-nsp", "linear"], "ridge_projection": [2000]}'
+    # Four more folds, with and without the projection (paired by seed).
+    for st in hres-nsp linear; do
+      python scripts/sweep.py --seeds 2,3,4,5 --out $H/sweeps/ridge-projection-folds-$st \
+        --base "{\"strategy\": \"$st\", $HO}" --grid '{"ridge_projection": [0, 2000]}'
+    done
   fi
   cl-hres compare --strategies hres-nsp,linear --ridge-projection 2000 --seeds 0,1,2 --no-fwt-reference \
     --config benchmarks/heldout-fmnist.yaml --out $H/class-rp2000 --overwrite --no-progress
