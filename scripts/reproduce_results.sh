@@ -45,6 +45,10 @@ if [ -z "${SKIP_SWEEPS:-}" ]; then
     python scripts/sweep.py --seeds 0,1,2,3,4,5,6,7 --out results/sweeps/nsp-threshold-1se-$sc \
       --base "{\"strategy\": \"hres-nsp\", \"scenario\": \"$sc\", $NOREF}" \
       --grid '{"nsp_threshold": [1e-4, 3e-5, 1e-5, 1e-6]}' --select nsp_threshold:min --plot-x nsp_threshold
+    # The same under RanPAC's projection (the head default under review, README).
+    python scripts/sweep.py --seeds 0,1,2,3,4,5,6,7 --out results/sweeps/nsp-threshold-1se-rp2000-$sc \
+      --base "{\"strategy\": \"hres-nsp\", \"scenario\": \"$sc\", \"ridge_projection\": 2000, $NOREF}" \
+      --grid '{"nsp_threshold": [1e-4, 3e-5, 1e-5, 1e-6]}' --select nsp_threshold:min --plot-x nsp_threshold
     python scripts/sweep.py --seeds 0,1,2,3,4,5,6,7 --out results/sweeps/nsp-threshold-1se-lora-$sc \
       --base "{\"strategy\": \"lora-nsp\", \"scenario\": \"$sc\", $NOREF}" \
       --grid '{"nsp_threshold": [1e-4, 1e-5, 1e-6, 1e-7, 1e-8]}' --select nsp_threshold:min --plot-x nsp_threshold
