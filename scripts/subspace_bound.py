@@ -57,7 +57,7 @@ from cl_hres.errors import ClHresError
 from cl_hres.fileio import atomic_write_text
 from cl_hres.heads import NCMHead, RidgeHead, StatisticsHead
 from cl_hres.run_config import RunConfig
-from cl_hres.runner import prepare
+from cl_hres.runner import Prepared, prepare
 
 IMPUTE_RIDGES = (1e-4, 1e-2, 1.0)
 EXEMPLARS = (20, 50)  # stored images per class for the exemplar-memory variant
@@ -95,9 +95,14 @@ def _known(feats: Features, j: int, upto: int) -> torch.Tensor:
     return torch.cat([feats.pre[j], *(feats.sub[k][j] for k in range(upto + 1))], 1)
 
 
+def _with_bias(x: torch.Tensor) -> torch.Tensor:
+    """``[X, 1]`` in float64."""
+    return torch.cat([x, x.new_ones(len(x), 1)], 1).double()
+
+
 def affine_map(inputs: torch.Tensor, targets: torch.Tensor, ridge: float) -> torch.Tensor:
     """``[A; b]`` minimising ``‖[X, 1]·[A; b] − Y‖² + λ‖A‖²`` (the bias is not penalised)."""
-    x = torch.cat([inputs, inputs.new_ones(len(inputs), 1)], 1).double()
+    x = _with_bias(inputs)
     gram = x.T @ x
     penalty = ridge * gram.diagonal()[:-1].mean() * torch.eye(len(gram), dtype=gram.dtype)
     penalty[-1, -1] = 0
@@ -105,8 +110,7 @@ def affine_map(inputs: torch.Tensor, targets: torch.Tensor, ridge: float) -> tor
 
 
 def _apply(coef: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-    ones = known.new_ones(len(known), 1)
-    return (torch.cat([known, ones], 1).double() @ coef).to(known.dtype)
+    return (_with_bias(known) @ coef).to(known.dtype)
 
 
 def imputed_subspace(
@@ -170,30 +174,27 @@ def imputation_errors(train: Features, t: int, ridge: float) -> dict[str, float]
 def accuracies(train: Features, test: Features, t: int) -> dict[str, float]:
     """Class-incremental accuracy on the test images of experiences ``0..t-1``, per variant."""
     seen = range(t)
-    test_all = [(_known(test, j, t - 1), test.labels[j]) for j in seen]
+
+    def grouped(feats: Features, upto: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each experience's (features through experts ``0..upto``, labels); None: frozen."""
+        return [
+            (feats.pre[j] if upto is None else _known(feats, j, upto), feats.labels[j])
+            for j in seen
+        ]
+
+    first_train, first_test = grouped(train, 0), grouped(test, 0)
+    all_train, test_all = grouped(train, t - 1), grouped(test, t - 1)
     out = {
-        "frozen": _accuracy(
-            [(train.pre[j], train.labels[j]) for j in seen],
-            [(test.pre[j], test.labels[j]) for j in seen],
-        ),
-        "first-session": _accuracy(
-            [(_known(train, j, 0), train.labels[j]) for j in seen],
-            [(_known(test, j, 0), test.labels[j]) for j in seen],
-        ),
-        "subspaces, exact": _accuracy(
-            [(_known(train, j, t - 1), train.labels[j]) for j in seen], test_all
+        "frozen": _accuracy(grouped(train, None), grouped(test, None)),
+        "first-session": _accuracy(first_train, first_test),
+        "subspaces, exact": _accuracy(all_train, test_all),
+        # EASE's head family: cosine to class means, on first-session features and with the
+        # exact means of every subspace (what its semantic prototype complement estimates).
+        "first-session, cosine head": _accuracy(first_train, first_test, head_type=NCMHead),
+        "subspaces, exact class means, cosine head": _accuracy(
+            all_train, test_all, head_type=NCMHead
         ),
     }
-    # EASE's head family: cosine to class means, on first-session features and with the
-    # exact means of every subspace (what its semantic prototype complement estimates).
-    out["first-session, cosine head"] = _accuracy(
-        [(_known(train, j, 0), train.labels[j]) for j in seen],
-        [(_known(test, j, 0), test.labels[j]) for j in seen],
-        head_type=NCMHead,
-    )
-    out["subspaces, exact class means, cosine head"] = _accuracy(
-        [(_known(train, j, t - 1), train.labels[j]) for j in seen], test_all, head_type=NCMHead
-    )
     for ridge in IMPUTE_RIDGES:
         out[f"subspaces, imputed λ={ridge:g}"] = _accuracy(
             [(imputed(train, j, t, ridge), train.labels[j]) for j in seen], test_all
@@ -286,14 +287,14 @@ def seed_config(options: dict, seed: int, validation: float) -> RunConfig:
     return cfg
 
 
-def run_seed(cfg: RunConfig) -> dict[str, dict[str, float]]:
+def run_seed(prep: Prepared) -> dict[str, dict[str, float]]:
     """Trains one expert per experience alone and scores every variant after each experience."""
     from cl_hres.benchmarks import build_stream
     from cl_hres.loaders import apply_threads, resolve_loader_settings
     from cl_hres.run_session import make_strategy, seed_everything
 
+    cfg = prep.config
     seed = cfg.seed
-    prep = prepare(cfg)
     # Loaders and threads as a run of the stream has them (cl_hres.loaders).
     loader = resolve_loader_settings(cfg.num_workers, device=cfg.device, kind=prep.data.kind)
     apply_threads(loader)
@@ -348,9 +349,9 @@ def main() -> int:
     if len(set(seeds)) != len(seeds):
         p.error(f"--seeds must not repeat a seed, got {args.seeds!r}")
     options = {"strategy": "hres-nsp", "fwt_reference": False, **given}
-    try:  # every config checked, and data and weights loaded once, before anything is written
+    try:  # every config checked, and the first seed's data and weights loaded, before writing
         configs = [seed_config(options, s, args.validation) for s in seeds]
-        prepare(RunConfig.from_dict(configs[0].to_dict()))
+        first = prepare(configs[0])
     except ClHresError as exc:
         p.error(str(exc))
     try:
@@ -358,7 +359,10 @@ def main() -> int:
     except OSError as exc:
         p.error(f"--out: cannot create {args.out} ({exc.strerror})")
     try:
-        per_seed = {str(cfg.seed): run_seed(cfg) for cfg in configs}
+        per_seed = {
+            str(cfg.seed): run_seed(first if i == 0 else prepare(cfg))
+            for i, cfg in enumerate(configs)
+        }
     except ClHresError as exc:
         p.error(str(exc))
     final = {
