@@ -1,8 +1,8 @@
 """cl-hres: continual learning on frozen Vision Transformers.
 
 The core (experts, null-space projection, heads, model) imports no Avalanche; the
-Avalanche plugins and strategies live in :mod:`cl_hres.plugins` and
-:mod:`cl_hres.strategies`. Every name below is imported from its module on first use.
+Avalanche plugins and strategies live in :mod:`cl_hres.avalanche` and
+:mod:`cl_hres.avalanche.strategies`. Every name below is imported from its module on first use.
 """
 
 from cl_hres import _warnings
@@ -17,25 +17,25 @@ _LAZY = {
     "CheckpointError": "cl_hres.errors",
     "ClHresError": "cl_hres.errors",
     "ConfigError": "cl_hres.errors",
-    "ContinualViT": "cl_hres.model",
-    "ContinualViTPlugin": "cl_hres.plugins",
-    "CovarianceAccumulator": "cl_hres.null_space",
+    "ContinualViT": "cl_hres.nn.model",
+    "ContinualViTPlugin": "cl_hres.avalanche",
+    "CovarianceAccumulator": "cl_hres.nsp.guard",
     "DataError": "cl_hres.errors",
-    "ExpertBank": "cl_hres.experts",
-    "HRes": "cl_hres.strategies",
-    "HResConfig": "cl_hres.config",
-    "HResNSP": "cl_hres.strategies",
-    "LoRAConfig": "cl_hres.config",
-    "LoRALinear": "cl_hres.experts",
-    "NCMHead": "cl_hres.heads",
-    "NullSpaceConfig": "cl_hres.config",
-    "NullSpaceGuard": "cl_hres.null_space",
-    "NullSpaceProjectionPlugin": "cl_hres.plugins",
-    "ParallelBlock": "cl_hres.experts",
-    "RidgeHead": "cl_hres.heads",
-    "VPTConfig": "cl_hres.config",
-    "create_backbone": "cl_hres.backbones",
-    "null_space_projector": "cl_hres.null_space",
+    "ExpertBank": "cl_hres.nn.experts",
+    "HRes": "cl_hres.avalanche.strategies",
+    "HResConfig": "cl_hres.nn.config",
+    "HResNSP": "cl_hres.avalanche.strategies",
+    "LoRAConfig": "cl_hres.nn.config",
+    "LoRALinear": "cl_hres.nn.experts",
+    "NCMHead": "cl_hres.nn.heads",
+    "NullSpaceConfig": "cl_hres.nsp.config",
+    "NullSpaceGuard": "cl_hres.nsp.guard",
+    "NullSpaceProjectionPlugin": "cl_hres.avalanche",
+    "ParallelBlock": "cl_hres.nn.experts",
+    "RidgeHead": "cl_hres.nn.heads",
+    "VPTConfig": "cl_hres.nn.config",
+    "create_backbone": "cl_hres.nn.backbones",
+    "null_space_projector": "cl_hres.nsp.guard",
 }
 
 __all__ = [

@@ -2,6 +2,6 @@
 
 import sys
 
-from cl_hres.cli import main
+from cl_hres.cli.app import main
 
 sys.exit(main())

@@ -21,8 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cl_hres.config import HResConfig, LoRAConfig, VPTConfig
-
 __all__ = [
     "METHODS",
     "STRATEGIES",
@@ -41,8 +39,8 @@ class MethodSpec:
 
     Attributes:
         name: Method name (``ContinualViT(method=...)``).
-        config_type: Its dataclass config (built with defaults when none is given), or
-            None for a method without options.
+        config_type: Its dataclass config (built with defaults when none is given), its
+            ``"module:Class"`` path, or None for a method without options.
         attach: ``(vit, config) -> list[ExpertBank]``, or its ``"module:function"`` path:
             adds the method's modules to the ViT in place and returns the expert banks
             (empty for methods without banks); None adds nothing.
@@ -52,10 +50,15 @@ class MethodSpec:
     """
 
     name: str
-    config_type: type | None = None
+    config_type: type | str | None = None
     attach: Callable[..., list] | str | None = None
     trains_backbone: bool = False
     switchable: bool = False
+
+    @property
+    def config_class(self) -> type | None:
+        """The config dataclass (imported on first use when given as a path)."""
+        return resolve(self.config_type)
 
 
 @dataclass(frozen=True)
@@ -156,15 +159,21 @@ def resolve(target: Any) -> Any:
 
 
 # ------------------------------------------------------------------ built-in methods
-_ADAPTERS = "cl_hres.vit_adapters"
-register_method(MethodSpec("hres", HResConfig, f"{_ADAPTERS}:add_hres_experts", switchable=True))
-register_method(MethodSpec("lora", LoRAConfig, f"{_ADAPTERS}:add_lora_experts", switchable=True))
-register_method(MethodSpec("vpt", VPTConfig, f"{_ADAPTERS}:attach_vpt_prompts", switchable=True))
+# Paths, not objects: this module imports neither torch nor the method modules.
+_CONFIGS = "cl_hres.nn.config"
+_ADAPTERS = "cl_hres.nn.adapters"
+_PROMPTS = "cl_hres.nn.prompts"
+for _name, _config, _attach in (
+    ("hres", "HResConfig", f"{_ADAPTERS}:add_hres_experts"),
+    ("lora", "LoRAConfig", f"{_ADAPTERS}:add_lora_experts"),
+    ("vpt", "VPTConfig", f"{_PROMPTS}:attach_vpt_prompts"),
+):
+    register_method(MethodSpec(_name, f"{_CONFIGS}:{_config}", _attach, switchable=True))
 register_method(MethodSpec("linear"))
 register_method(MethodSpec("finetune", trains_backbone=True))
 
 # --------------------------------------------------------------- built-in strategies
-_S = "cl_hres.strategies"
+_S = "cl_hres.avalanche.strategies"
 for _spec in (
     StrategySpec(
         "hres-nsp",

@@ -23,12 +23,14 @@ from pathlib import Path
 
 import torch
 
-from cl_hres import _warnings, null_space
-from cl_hres.cli_options import OneLineParser
+from cl_hres import _warnings
+from cl_hres.cli.options import OneLineParser
 from cl_hres.errors import ConfigError
 from cl_hres.fileio import atomic_write_text
-from cl_hres.run_config import RunConfig
-from cl_hres.runner import execute, prepare
+from cl_hres.nsp import guard as null_space
+from cl_hres.run.config import RunConfig
+from cl_hres.run.prepare import prepare
+from cl_hres.run.runner import execute
 
 _RIDGE = 1e-8  # relative to the mean eigenvalue of Σ_old, so the Cholesky factor exists
 

@@ -121,7 +121,7 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor, mean: float, std: float) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cl_hres.cli_options import OneLineParser  # errors: one stderr line, exit 2
+    from cl_hres.cli.options import OneLineParser  # errors: one stderr line, exit 2
 
     p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", type=Path, default=DATA_DIR)
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if not set(classes) <= set(range(10)) or len(classes) < 2:
         p.error(f"--classes needs at least two of the classes 0-9, got {args.classes!r}")
 
-    from cl_hres.backbones import SHIPPED_ARCH, SHIPPED_TAG, shipped_architecture
+    from cl_hres.nn.backbones import SHIPPED_ARCH, SHIPPED_TAG, shipped_architecture
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)

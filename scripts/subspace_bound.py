@@ -51,13 +51,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from cl_hres import _warnings
-from cl_hres.cli_options import OneLineParser
-from cl_hres.compare import mean_std
+from cl_hres.cli.options import OneLineParser
 from cl_hres.errors import ClHresError
 from cl_hres.fileio import atomic_write_text
-from cl_hres.heads import NCMHead, RidgeHead, StatisticsHead
-from cl_hres.run_config import RunConfig
-from cl_hres.runner import Prepared, prepare
+from cl_hres.nn.heads import NCMHead, RidgeHead, StatisticsHead
+from cl_hres.reporting.tables import mean_std
+from cl_hres.run.config import RunConfig
+from cl_hres.run.prepare import Prepared, prepare
 
 IMPUTE_RIDGES = (1e-4, 1e-2, 1.0)
 EXEMPLARS = (20, 50)  # stored images per class for the exemplar-memory variant
@@ -279,7 +279,7 @@ def _features(
 
 def seed_config(options: dict, seed: int, validation: float) -> RunConfig:
     """The run's config for ``seed``, with the strategy's method (which trains each expert)."""
-    from cl_hres.forward_transfer import method_family
+    from cl_hres.reporting.forward_transfer import method_family
 
     cfg = RunConfig.from_dict(dict(options, seed=seed, validation=validation))
     cfg = RunConfig.from_dict(dict(cfg.to_dict(), strategy=method_family(cfg.strategy)))
@@ -289,13 +289,14 @@ def seed_config(options: dict, seed: int, validation: float) -> RunConfig:
 
 def run_seed(prep: Prepared) -> dict[str, dict[str, float]]:
     """Trains one expert per experience alone and scores every variant after each experience."""
-    from cl_hres.benchmarks import build_stream
-    from cl_hres.loaders import apply_threads, resolve_loader_settings
-    from cl_hres.run_session import make_strategy, seed_everything
+    from cl_hres.data.loaders import apply_threads, resolve_loader_settings
+    from cl_hres.data.streams import build_stream
+    from cl_hres.run.context import make_strategy
+    from cl_hres.run.prepare import seed_everything
 
     cfg = prep.config
     seed = cfg.seed
-    # Loaders and threads as a run of the stream has them (cl_hres.loaders).
+    # Loaders and threads as a run of the stream has them (cl_hres.data.loaders).
     loader = resolve_loader_settings(cfg.num_workers, device=cfg.device, kind=prep.data.kind)
     apply_threads(loader)
     seed_everything(seed)

@@ -19,12 +19,13 @@ import sys
 from pathlib import Path
 
 from cl_hres import _warnings
-from cl_hres.cli_options import OneLineParser
-from cl_hres.compare import mean_std
+from cl_hres.cli.options import OneLineParser
 from cl_hres.errors import ConfigError
 from cl_hres.fileio import atomic_write_text
-from cl_hres.run_config import RunConfig
-from cl_hres.runner import execute, prepare
+from cl_hres.reporting.tables import mean_std
+from cl_hres.run.config import RunConfig
+from cl_hres.run.prepare import prepare
+from cl_hres.run.runner import execute
 
 
 def main() -> int:

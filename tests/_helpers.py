@@ -22,7 +22,7 @@ TINY = [
 
 def make_vit(seed: int = 0, **overrides):
     """A small random-init timm ViT (8×8 single-channel input, 4 patches + cls)."""
-    from cl_hres.backbones import create_backbone
+    from cl_hres.nn.backbones import create_backbone
 
     kwargs = dict(img_size=8, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2)
     kwargs.update(overrides)

@@ -34,7 +34,7 @@ def _digest(path: Path) -> dict[str, str]:
 
 
 def _tiny_run(tmp_path_factory, *extra: str):
-    from cl_hres.cli import main
+    from cl_hres.cli.app import main
 
     out = tmp_path_factory.mktemp("tiny") / "run"
     stdout = io.StringIO()

@@ -2,8 +2,8 @@
 
 import json
 
-from cl_hres.cli import main
-from cl_hres.loaders import resolve_loader_settings
+from cl_hres.cli.app import main
+from cl_hres.data.loaders import resolve_loader_settings
 
 
 def test_bench_tiny_writes_every_figure(tmp_path, capsys):

@@ -5,8 +5,8 @@ import json
 import pytest
 from _helpers import TINY
 
-from cl_hres.cli import main
-from cl_hres.metrics import summarise
+from cl_hres.cli.app import main
+from cl_hres.reporting.metrics import summarise
 
 # Forward-transfer references double a run; tests/test_forward_transfer.py covers them.
 FAST = ["--epochs", "1", "--no-progress", "--no-fwt-reference"]
@@ -49,8 +49,8 @@ def test_run_writes_every_output(request, scenario):
 
 
 def test_split_digits_defaults_to_five_experiences():
-    from cl_hres.run_config import RunConfig
-    from cl_hres.runner import prepare
+    from cl_hres.run.config import RunConfig
+    from cl_hres.run.prepare import prepare
 
     assert prepare(RunConfig()).experiences == 5
 
@@ -201,8 +201,8 @@ def test_help_and_config_checks_import_no_torch():
     import sys
 
     code = (
-        "import sys; import cl_hres, cl_hres.cli; cl_hres.cli._build_parser(); "
-        "from cl_hres.run_config import RunConfig; RunConfig(strategy='lora'); "
+        "import sys; import cl_hres, cl_hres.cli.app; cl_hres.cli.app._build_parser(); "
+        "from cl_hres.run.config import RunConfig; RunConfig(strategy='lora'); "
         "print('torch' in sys.modules, 'avalanche' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

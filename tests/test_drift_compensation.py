@@ -2,8 +2,8 @@
 
 import torch
 
-from cl_hres.drift_compensation import DriftEstimator, compensate_head
-from cl_hres.heads import NCMHead, RidgeHead
+from cl_hres.nn.drift_compensation import DriftEstimator, compensate_head
+from cl_hres.nn.heads import NCMHead, RidgeHead
 
 
 def _affine(d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

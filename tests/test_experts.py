@@ -60,9 +60,17 @@ def test_fused_experts_equal_per_expert_loop():
     x = torch.randn(3, 5, 32)
     for bank in model.banks:
         assert bank.num_experts == 3
+        # H(x) = λ · Σ_k W_up,k · GELU(W_down,k · x), written out in float64 per expert.
+        expected = torch.zeros(3, 5, 32, dtype=torch.float64)
+        for name in ("expert0", "expert1", "expert2"):
+            down = bank.down[name].weight.double()
+            up = bank.up[name].weight.double()
+            expected += torch.nn.functional.gelu(x.double() @ down.T) @ up.T
+        expected *= bank.scale
         # Outputs of order 10 (three rank-64 experts, unit-normal up weights): float32
-        # summation order differs by a few 1e-6.
-        torch.testing.assert_close(bank(x), bank.forward_per_expert(x), rtol=1e-5, atol=1e-5)
+        # arithmetic differs from float64 by a few 1e-6.
+        assert expected.abs().max() > 1
+        torch.testing.assert_close(bank(x).double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_dropout_is_off_in_training_mode():

@@ -4,9 +4,9 @@ import pytest
 import torch
 from _helpers import make_vit
 
-from cl_hres.config import NullSpaceConfig
 from cl_hres.errors import ConfigError
-from cl_hres.model import ContinualViT
+from cl_hres.nn.model import ContinualViT
+from cl_hres.nsp.config import NullSpaceConfig
 
 
 def _trained_expert_model(method: str = "hres", **kwargs) -> ContinualViT:
@@ -38,7 +38,7 @@ def test_concatenated_features_are_pretrained_then_adapted(method):
 
 
 def test_disabled_pass_does_not_feed_the_null_space_statistics():
-    from cl_hres.null_space import NullSpaceGuard
+    from cl_hres.nsp.guard import NullSpaceGuard
 
     model = _trained_expert_model(concat_pretrained=True)
     guard = NullSpaceGuard(model.banks, NullSpaceConfig())
@@ -53,8 +53,8 @@ def test_first_session_adapts_once_then_only_fits_the_head(monkeypatch):
     from avalanche.evaluation.metrics import accuracy_metrics
     from avalanche.training.plugins import EvaluationPlugin
 
-    from cl_hres.data import load_digits_data
-    from cl_hres.strategies import FirstSessionAdaptation
+    from cl_hres.avalanche.strategies import FirstSessionAdaptation
+    from cl_hres.data.datasets import load_digits_data
 
     data = load_digits_data()
     stream = class_incremental_benchmark(
@@ -84,7 +84,7 @@ def test_first_session_adapts_once_then_only_fits_the_head(monkeypatch):
     assert now.keys() == expert.keys()
     assert all(torch.equal(now[k], v) and not now[k].requires_grad for k, v in expert.items())
     # Yet the second experience's classes are learned (closed-form head on both halves).
-    from cl_hres.metrics import accuracy_row_from_results
+    from cl_hres.reporting.metrics import accuracy_row_from_results
 
     row = accuracy_row_from_results(strategy.eval(stream.test_stream[:2]), 2)
     assert min(row) > 0.5, row
@@ -97,7 +97,7 @@ def test_concatenation_needs_switchable_experts(method):
 
 
 def test_run_config_rejects_concatenation_without_experts():
-    from cl_hres.run_config import RunConfig
+    from cl_hres.run.config import RunConfig
 
     with pytest.raises(ConfigError, match="concat_pretrained"):
         RunConfig(strategy="linear", concat_pretrained=True)

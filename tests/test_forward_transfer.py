@@ -4,8 +4,12 @@ import json
 
 import pytest
 
-from cl_hres.cli import main
-from cl_hres.forward_transfer import forward_transfer_summary, method_family, reference_key
+from cl_hres.cli.app import main
+from cl_hres.reporting.forward_transfer import (
+    forward_transfer_summary,
+    method_family,
+    reference_key,
+)
 
 FAST = ["--epochs", "1", "--no-progress", "--experiences", "2"]
 
@@ -30,7 +34,7 @@ def test_summary_averages_experiences_after_the_first():
 
 @pytest.mark.slow
 def test_compare_reports_forward_transfer_and_shares_references(tmp_path, monkeypatch):
-    import cl_hres.run_report as run_report
+    import cl_hres.run.report as run_report
 
     made = []
     original = run_report.make_strategy

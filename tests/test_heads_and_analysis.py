@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from cl_hres.analysis import attention_statistics, collapse_ratio
-from cl_hres.cli import main
-from cl_hres.heads import NCMHead, RidgeHead
-from cl_hres.plugins import FeatureProbes
+from cl_hres.avalanche import FeatureProbes
+from cl_hres.cli.app import main
+from cl_hres.commands.analyze import attention_statistics, collapse_ratio
+from cl_hres.nn.heads import NCMHead, RidgeHead
 
 
 def _blobs(n=60, d=6, classes=3, seed=0):

@@ -8,12 +8,12 @@ import pytest
 import torch
 from _helpers import make_vit
 
-from cl_hres.batch_transforms import BatchTransform, precompute_in_memory
-from cl_hres.cli import main
-from cl_hres.data import load_digits_data
+from cl_hres.cli.app import main
+from cl_hres.data.batch_transforms import BatchTransform, precompute_in_memory
+from cl_hres.data.datasets import load_digits_data
+from cl_hres.data.loaders import init_worker, resolve_loader_settings
 from cl_hres.errors import ConfigError
-from cl_hres.loaders import init_worker, resolve_loader_settings
-from cl_hres.run_config import RunConfig
+from cl_hres.run.config import RunConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 DIGITS_CFG = {"input_size": [1, 28, 28], "mean": [0.29], "std": [0.35], "interpolation": "bilinear"}
@@ -49,8 +49,8 @@ def test_bad_num_workers_is_one_line_exit_2(tmp_path, capsys):
 
 
 def _strategy_and_stream():
-    from cl_hres.benchmarks import build_stream
-    from cl_hres.strategies import LinearProbe
+    from cl_hres.avalanche.strategies import LinearProbe
+    from cl_hres.data.streams import build_stream
 
     data, tfs = precompute_in_memory(load_digits_data(), DIGITS_CFG, "none")
     bm = build_stream(data, experiences=5, seed=0, transforms=tfs)
@@ -77,7 +77,7 @@ def test_worker_loader_gives_the_same_batches_and_gets_its_arguments():
 
 
 def test_batched_eval_transform_is_bit_identical_to_the_per_image_one():
-    from cl_hres.transforms import build_transforms
+    from cl_hres.data.transforms import build_transforms
 
     data = load_digits_data()
     per_image = build_transforms(DIGITS_CFG, kind="tensor", augment="none")[1]
@@ -102,7 +102,7 @@ def test_spawned_workers_print_no_known_warnings(capfd):
     from _warning_dataset import WarningDataset  # imports no cl_hres: the wrapper must
     from torch.utils.data import DataLoader
 
-    from cl_hres.loaders import WorkerSafeDataset
+    from cl_hres.data.loaders import WorkerSafeDataset
 
     loader = DataLoader(
         WorkerSafeDataset(WarningDataset()),
@@ -124,8 +124,8 @@ def _gpu_recipe_args() -> list[str]:
 
 
 def test_gpu_recipe_is_cuda_bf16_with_workers_and_pinned_memory():
-    from cl_hres.cli import _build_parser, _config_from_args
-    from cl_hres.loaders import loader_kwargs
+    from cl_hres.cli.app import _build_parser, _config_from_args
+    from cl_hres.data.loaders import loader_kwargs
 
     config = _config_from_args(_build_parser().parse_args(["run", *_gpu_recipe_args()]))
     assert (config.benchmark, config.device, config.bf16) == ("split-cifar100", "cuda", True)

@@ -2,10 +2,10 @@
 
 import pytest
 
-from cl_hres.benchmarks import build_stream, class_split
-from cl_hres.data import load_digits_data
+from cl_hres.data.datasets import load_digits_data
+from cl_hres.data.streams import build_stream, class_split
 from cl_hres.errors import ConfigError
-from cl_hres.metrics import accuracy_row_from_results, summarise
+from cl_hres.reporting.metrics import accuracy_row_from_results, summarise
 
 
 def test_metrics_match_hand_computed_values():
@@ -57,7 +57,7 @@ def test_streams_hold_all_classes_in_seeded_order(scenario):
 def test_every_recipe_is_a_valid_config():
     from pathlib import Path
 
-    from cl_hres.run_config import RunConfig, load_yaml_config
+    from cl_hres.run.config import RunConfig, load_yaml_config
 
     root = Path(__file__).parents[1]
     recipes = sorted([*root.glob("strategies/*.yaml"), *root.glob("benchmarks/*.yaml")])
@@ -67,7 +67,7 @@ def test_every_recipe_is_a_valid_config():
 
 
 def test_untrained_cells_are_null_except_a_task_linear_head():
-    from cl_hres.metrics import mask_untrained
+    from cl_hres.reporting.metrics import mask_untrained
 
     r = [[0.9, 0.0, 0.0], [0.8, 0.7, 0.0], [0.7, 0.6, 0.5]]
     masked = [[0.9, None, None], [0.8, 0.7, None], [0.7, 0.6, 0.5]]
@@ -81,7 +81,7 @@ def test_untrained_cells_are_null_except_a_task_linear_head():
 
 
 def test_experience_scalars_skip_unseen_and_use_joint_average():
-    from cl_hres.metrics import experience_scalars, plugin_scalars
+    from cl_hres.reporting.metrics import experience_scalars
 
     rows = [[0.9, None, None], [0.8, 0.7, None]]
     s = experience_scalars(rows, None, "class", "ridge")
@@ -101,6 +101,13 @@ def test_experience_scalars_skip_unseen_and_use_joint_average():
     assert len([k for k in joint if k.startswith("cl/accuracy_exp")]) == 3
     task = experience_scalars([[0.9, 0.3], [0.8, 0.7]], [0.5, 0.1], "task", "linear")
     assert task["cl/fwt"] == pytest.approx(0.3 - 0.1)
+
+
+def test_plugin_scalars_come_from_the_last_history_entry():
+    from cl_hres.avalanche import FeatureDriftPlugin, NullSpaceProjectionPlugin
+
+    nsp_plugin, drift_plugin = NullSpaceProjectionPlugin(), FeatureDriftPlugin()
+    assert nsp_plugin.scalars() == {} and drift_plugin.scalars() == {}
     nsp = {
         "null_space_dims": [40, 0],
         "input_dims": [64, 64],
@@ -108,9 +115,11 @@ def test_experience_scalars_skip_unseen_and_use_joint_average():
         "interference": {0: 1e-7},
     }
     drift = {"drift": {"0": {"relative": 1e-7, "class_spreads": 2e-6}}}
-    p = plugin_scalars(nsp, drift)
+    nsp_plugin.history, drift_plugin.history = [nsp], [drift]
+    p = {**nsp_plugin.scalars(), **drift_plugin.scalars()}
     assert p["nsp/null_space_dims/block00"] == 40 and p["nsp/null_space_dims/block01"] == 0
     assert p["nsp/null_space_fraction"] == pytest.approx(40 / 128)
     assert p["nsp/interference_max"] == 1e-7 and p["drift/class_spreads_max"] == 2e-6
     assert p["nsp/free_energy/block00"] == 1e-5 and "nsp/free_energy/block01" not in p
-    assert plugin_scalars(None, {"drift": {}}) == {}
+    drift_plugin.history = [{"drift": {}}]
+    assert drift_plugin.scalars() == {}

@@ -7,7 +7,7 @@ import torch
 from _helpers import make_vit
 
 from cl_hres import ContinualViT, ExpertBank, NullSpaceConfig, NullSpaceGuard, distributed
-from cl_hres.null_space import PlasticityWarning, null_space_projector
+from cl_hres.nsp.guard import PlasticityWarning, null_space_projector
 
 RULES = [
     NullSpaceConfig(rule="energy", threshold=0.95),
@@ -158,7 +158,7 @@ def test_bfloat16_backbone_in_a_strategy(digits_stream):
     )
     for exp in digits_stream.train_stream[:2]:
         strategy.train(exp)
-    from cl_hres.metrics import accuracy_row_from_results
+    from cl_hres.reporting.metrics import accuracy_row_from_results
 
     row = accuracy_row_from_results(strategy.eval(digits_stream.test_stream[:2]), 2)
     assert min(row) > 0.5, row
@@ -269,7 +269,7 @@ def test_two_ranks_combine_to_the_statistics_of_one_process(monkeypatch):
 def digits_stream():
     from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
 
-    from cl_hres.data import load_digits_data
+    from cl_hres.data.datasets import load_digits_data
 
     data = load_digits_data()
     return class_incremental_benchmark(
@@ -283,8 +283,8 @@ def _naive_run(stream, order, nsp_config=None):
     from avalanche.training.plugins import EvaluationPlugin
     from avalanche.training.supervised import Naive
 
-    from cl_hres.metrics import accuracy_row_from_results
-    from cl_hres.plugins import ContinualViTPlugin, FeatureDriftPlugin, NullSpaceProjectionPlugin
+    from cl_hres.avalanche import ContinualViTPlugin, FeatureDriftPlugin, NullSpaceProjectionPlugin
+    from cl_hres.reporting.metrics import accuracy_row_from_results
 
     torch.manual_seed(0)
     model = _hres_model()
@@ -338,7 +338,7 @@ def test_plugin_order_does_not_change_results(digits_stream):
 
 def test_the_admission_pass_leaves_the_random_state_alone(digits_stream, monkeypatch):
     """Experts and head rows created after the pass are initialised as without it."""
-    from cl_hres.plugins import ContinualViTPlugin
+    from cl_hres.avalanche import ContinualViTPlugin
 
     original = ContinualViTPlugin._admission_pass
     changed = []
@@ -376,7 +376,7 @@ def test_probes_are_stratified_over_the_experience_classes(digits_stream, monkey
     from avalanche.training.plugins import EvaluationPlugin
 
     from cl_hres import HResNSP
-    from cl_hres.plugins import FeatureProbes
+    from cl_hres.avalanche import FeatureProbes
 
     drift_passes = []
     drift = FeatureProbes.drift
@@ -406,7 +406,7 @@ def test_probes_are_stratified_over_the_experience_classes(digits_stream, monkey
 
 def test_class_spread_is_measured_on_reference_features():
     """Features that collapse later must not turn drift into 1/0."""
-    from cl_hres.plugins import FeatureProbes
+    from cl_hres.avalanche import FeatureProbes
 
     class Collapsing(torch.nn.Module):
         scale = 1.0

@@ -8,7 +8,7 @@ from _helpers import make_vit
 
 from cl_hres import ContinualViT, CovarianceAccumulator, NullSpaceConfig, NullSpaceGuard
 from cl_hres.errors import ConfigError
-from cl_hres.null_space import null_space_projector
+from cl_hres.nsp.guard import null_space_projector
 
 
 @pytest.mark.parametrize(
@@ -301,15 +301,15 @@ def test_covariance_shares_the_head_statistics_pass(head, monkeypatch):
     from avalanche.training.plugins import EvaluationPlugin
 
     from cl_hres import HResNSP
-    from cl_hres.data import load_digits_data
+    from cl_hres.data.datasets import load_digits_data
 
     data = load_digits_data()
     bm = class_incremental_benchmark(
         {"train": data.train, "test": data.test}, num_experiences=5, seed=0
     )
-    import cl_hres.nsp_plugin
-    import cl_hres.vit_plugin
-    from cl_hres.experience_data import eval_batches
+    import cl_hres.avalanche.nsp_plugin
+    import cl_hres.avalanche.vit_plugin
+    from cl_hres.avalanche.experience_data import eval_batches
 
     passes = []
 
@@ -318,7 +318,7 @@ def test_covariance_shares_the_head_statistics_pass(head, monkeypatch):
         return eval_batches(strategy)
 
     # Both plugins can make the pass: the head's (vit_plugin) or the covariance's own.
-    for module in (cl_hres.vit_plugin, cl_hres.nsp_plugin):
+    for module in (cl_hres.avalanche.vit_plugin, cl_hres.avalanche.nsp_plugin):
         monkeypatch.setattr(module, "eval_batches", counted)
     strategy = HResNSP(
         model=make_vit(),
@@ -346,7 +346,7 @@ def test_covariance_shares_the_head_statistics_pass(head, monkeypatch):
 @pytest.mark.parametrize("separate_prefix", [True, False])
 def test_free_energy_is_the_inputs_share_in_the_null_space(separate_prefix):
     """tr(P·Σ)/tr(Σ) per bank, for the pass's own inputs and for the older ones."""
-    from cl_hres.experts import ExpertBank
+    from cl_hres.nn.experts import ExpertBank
 
     torch.manual_seed(0)
     bank = ExpertBank(8, 8, rank=2, scale=1.0, num_prefix_tokens=1)
@@ -379,7 +379,7 @@ def test_free_energy_is_the_inputs_share_in_the_null_space(separate_prefix):
 
 def test_admission_makes_a_bank_dormant_where_new_inputs_miss_its_free_directions():
     """Bank 0's new inputs lie in the old span (share 0), bank 1's have 1% off it."""
-    from cl_hres.experts import ExpertBank
+    from cl_hres.nn.experts import ExpertBank
 
     torch.manual_seed(0)
     banks = [ExpertBank(6, 6, rank=2, scale=1.0) for _ in range(2)]
@@ -427,7 +427,7 @@ def test_admission_makes_a_bank_dormant_where_new_inputs_miss_its_free_direction
 def test_selectivity_admits_only_banks_whose_free_directions_tell_new_from_old():
     """A loose threshold leaves faint old directions free. Bank 0's new inputs use them as
     faintly as the old ones did (ratio ~1), bank 1's 30x more strongly (ratio ~900)."""
-    from cl_hres.experts import ExpertBank
+    from cl_hres.nn.experts import ExpertBank
 
     torch.manual_seed(0)
     banks = [ExpertBank(6, 6, rank=2, scale=1.0) for _ in range(2)]

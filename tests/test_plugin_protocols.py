@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from cl_hres.plugins import (
+from cl_hres.avalanche import (
     CheckpointablePlugin,
     ContinualViTPlugin,
     FeatureDriftPlugin,
@@ -51,7 +51,7 @@ def test_the_statistics_pass_feeds_every_listener_once_per_experience(monkeypatc
         model=model,
         clock=SimpleNamespace(train_exp_counter=0),
     )
-    monkeypatch.setattr("cl_hres.vit_plugin.eval_batches", lambda s: "batches")
+    monkeypatch.setattr("cl_hres.avalanche.vit_plugin.eval_batches", lambda s: "batches")
     assert vit.statistics_pass_once(strategy) and vit.statistics_pass_once(strategy)
     strategy.clock.train_exp_counter = 1
     assert vit.statistics_pass_once(strategy)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from cl_hres.backbones import SHIPPED_BACKBONE, create_backbone, shipped_card
-from cl_hres.cli import main
+from cl_hres.cli.app import main
+from cl_hres.nn.backbones import SHIPPED_BACKBONE, create_backbone, shipped_card
 
 # Forward-transfer references double a run; tests/test_forward_transfer.py covers them.
 FAST = ["--epochs", "1", "--no-progress", "--no-fwt-reference"]
@@ -25,7 +25,7 @@ def test_shipped_backbone_loads_offline_by_name():
     import timm
     from safetensors.torch import load_file
 
-    from cl_hres import backbones
+    from cl_hres.nn import backbones
 
     card = shipped_card()
     assert card is not None, "cl_hres/pretrained/fmnist.json is missing"
@@ -151,7 +151,7 @@ def test_card_beside_weights_sets_the_input_pipeline(tmp_path, capsys):
 
     from timm.data import resolve_model_data_config
 
-    from cl_hres.backbones import _PRETRAINED_DIR
+    from cl_hres.nn.backbones import _PRETRAINED_DIR
 
     weights = tmp_path / "mine.safetensors"
     shutil.copy(_PRETRAINED_DIR / "fmnist.safetensors", weights)
@@ -171,8 +171,8 @@ def test_card_beside_weights_sets_the_input_pipeline(tmp_path, capsys):
     assert len(err) == 1 and "mine.json" in err[0] and "pretrained_cfg" in err[0]
     assert not out.exists()
     # Values timm would trip over later (a traceback, or infinite inputs) are refused too.
-    from cl_hres.backbones import weights_card
     from cl_hres.errors import DataError
+    from cl_hres.nn.backbones import weights_card
 
     for bad in (
         {"mean": 0.5},
@@ -201,7 +201,7 @@ def test_pretraining_script_holds_out_a_stream_and_trains_on_chosen_classes(tmp_
     stream's training images are never among those pretrained on, and the card names it."""
     import importlib.util
 
-    from cl_hres.data import load_npz
+    from cl_hres.data.datasets import load_npz
 
     spec = importlib.util.spec_from_file_location(
         "pretrain_fmnist", Path(__file__).parents[1] / "scripts" / "pretrain_fmnist.py"

@@ -42,8 +42,8 @@ def toy_strategy():
 
 
 def test_a_toy_method_needs_one_registration(toy_strategy, tmp_path, capsys):
-    from cl_hres import cli
-    from cl_hres.strategies import STRATEGIES
+    from cl_hres.avalanche.strategies import STRATEGIES
+    from cl_hres.cli import app as cli
 
     assert "toy-scale" in cli.strategy_help()
     cls = STRATEGIES["toy-scale"]
@@ -59,8 +59,8 @@ def test_a_toy_method_needs_one_registration(toy_strategy, tmp_path, capsys):
 
 
 def test_built_in_strategy_classes_follow_their_registry_entries():
-    from cl_hres.run_config import RunConfig
-    from cl_hres.strategies import STRATEGIES
+    from cl_hres.avalanche.strategies import STRATEGIES
+    from cl_hres.run.config import RunConfig
 
     assert sorted(STRATEGIES) == sorted(registry.STRATEGIES)
     for name, spec in registry.STRATEGIES.items():
@@ -69,7 +69,7 @@ def test_built_in_strategy_classes_follow_their_registry_entries():
         assert cls.uses_nsp == spec.uses_nsp
         assert cls.trains_whole_stream == spec.trains_whole_stream
         config = RunConfig(strategy=name).method_config()
-        assert type(config) is (spec.method_spec.config_type or type(None))
+        assert type(config) is (spec.method_spec.config_class or type(None))
 
 
 def test_registering_twice_or_an_unknown_method_fails():
@@ -96,9 +96,9 @@ def test_registry_refuses_what_it_cannot_honour():
 def test_a_ready_model_must_match_the_strategy():
     from _helpers import make_vit
 
+    from cl_hres.avalanche.strategies import FirstSessionAdaptation
     from cl_hres.errors import ConfigError
-    from cl_hres.model import ContinualViT
-    from cl_hres.strategies import FirstSessionAdaptation
+    from cl_hres.nn.model import ContinualViT
 
     with pytest.raises(ConfigError, match="expert_per_experience"):
         FirstSessionAdaptation(model=ContinualViT(make_vit(), method="hres"))

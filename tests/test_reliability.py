@@ -15,7 +15,7 @@ from _helpers import TINY, interrupt_on_second_call, tensorboard_scalars
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cl_hres.cli import main
+from cl_hres.cli.app import main
 
 # Forward-transfer references double a run; tests/test_forward_transfer.py covers them.
 # Every experience trains (see _helpers.TINY).
@@ -104,7 +104,7 @@ def _tensorboard_steps(run: Path) -> list[int]:
 
 
 def test_ctrl_c_leaves_a_resumable_state(tmp_path, monkeypatch, capsys, tiny_run):
-    from cl_hres.plugins import ContinualViTPlugin
+    from cl_hres.avalanche import ContinualViTPlugin
 
     out = tmp_path / "out"
     original = interrupt_on_second_call(
@@ -118,7 +118,7 @@ def test_ctrl_c_leaves_a_resumable_state(tmp_path, monkeypatch, capsys, tiny_run
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, monkeypatch, capsys):
-    from cl_hres.plugins import FiniteLossPlugin
+    from cl_hres.avalanche import FiniteLossPlugin
 
     original = FiniteLossPlugin.before_backward
 
@@ -377,7 +377,7 @@ def test_malformed_npz_gives_exit_2_one_line_and_untouched_out(
 
 
 def test_compare_resume_refuses_other_learning_settings(tmp_path, monkeypatch, capsys):
-    from cl_hres.plugins import ContinualViTPlugin
+    from cl_hres.avalanche import ContinualViTPlugin
 
     out = tmp_path / "cmp"
     argv = ["compare", "--strategies", "hres", "--out", str(out), *TINY]
@@ -399,7 +399,7 @@ def test_checkpoint_with_another_head_width_is_one_line(tmp_path, capsys):
         main(["run", "--strategy", "hres", "--no-concat-pretrained", "--out", str(out), *TINY]) == 0
     )
     capsys.readouterr()
-    from cl_hres.checkpoint import latest_checkpoint
+    from cl_hres.run.checkpoint import latest_checkpoint
 
     state_file = latest_checkpoint(out / "checkpoints") / "state.json"
     state = json.loads(state_file.read_text())

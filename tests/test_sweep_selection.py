@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cl_hres.compare import mean_std
+from cl_hres.reporting.tables import mean_std
 
 _SPEC = importlib.util.spec_from_file_location(
     "sweep", Path(__file__).resolve().parents[1] / "scripts" / "sweep.py"

@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 
-from cl_hres import cli
-from cl_hres.run_config import RunConfig, load_yaml_config
+from cl_hres.cli import app as cli
+from cl_hres.run.config import RunConfig, load_yaml_config
 
 
 def _help(capsys, *argv: str) -> str:
@@ -59,7 +59,7 @@ def test_top_level_compare_bench_analyze_help(capsys):
 
 
 def test_choice_tables_match_the_implementations():
-    from cl_hres.benchmarks import BENCHMARKS
+    from cl_hres.data.benchmarks import BENCHMARKS
 
     assert set(BENCHMARKS) <= set(cli.BENCHMARK_HELP)
 
@@ -115,7 +115,7 @@ def test_compare_checks_names_before_heavy_imports(tmp_path, capsys):
     import sys
 
     code = (
-        "import sys; from cl_hres.cli import main; "
+        "import sys; from cl_hres.cli.app import main; "
         f"code = main(['compare', '--strategies', 'hres,vtp', '--out', {str(tmp_path)!r}]); "
         "print(code, 'torch' in sys.modules)"
     )

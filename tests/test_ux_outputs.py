@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from _helpers import TINY, interrupt_on_second_call, tensorboard_scalars
 
-from cl_hres.cli import main
+from cl_hres.cli.app import main
 
 # Forward-transfer references double a run; tests/test_forward_transfer.py covers them.
 # Every experience trains (see _helpers.TINY).
@@ -69,7 +69,7 @@ def _check_tensorboard(run: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_tensorboard_and_resume_after_interrupt_without_duplicates(tmp_path, monkeypatch, tiny_run):
-    from cl_hres.plugins import ContinualViTPlugin
+    from cl_hres.avalanche import ContinualViTPlugin
 
     out = tmp_path / "out"
     expected = _check_tensorboard(tiny_run.out)
@@ -92,7 +92,7 @@ def test_interrupt_after_logging_before_checkpoint_purges_the_experience_axis(
 ):
     """Ctrl-C after experience 2's per-experience points were logged, before its
     checkpoint: the resumed run logs them again, TensorBoard keeps one point per step."""
-    import cl_hres.run_loop as run_loop
+    import cl_hres.run.loop as run_loop
 
     original, calls = run_loop.save_checkpoint, {"n": 0}
 
@@ -130,7 +130,7 @@ def test_joint_reference_is_its_average_accuracy(tmp_path):
 
 
 def test_comparison_plot_draws_joint_at_its_average(tmp_path):
-    from cl_hres.plots import plot_comparison
+    from cl_hres.reporting.plots import plot_comparison
 
     seq = [[0.9, None, None], [0.8, 0.7, None], [0.7, 0.6, 0.5]]
     runs = {
@@ -183,7 +183,7 @@ def test_stream_errors_leave_out_untouched(tmp_path, capsys):
 def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_next(
     tmp_path, monkeypatch
 ):
-    from cl_hres.plugins import ContinualViTPlugin
+    from cl_hres.avalanche import ContinualViTPlugin
 
     original = ContinualViTPlugin.after_training_exp
 
@@ -212,8 +212,8 @@ def test_uneven_split_is_announced():
     import warnings
 
     from cl_hres._warnings import ClHresWarning
-    from cl_hres.benchmarks import build_stream
-    from cl_hres.data import load_digits_data
+    from cl_hres.data.datasets import load_digits_data
+    from cl_hres.data.streams import build_stream
 
     data = load_digits_data()
     with pytest.warns(ClHresWarning, match=r"10 classes do not split evenly.*4, 3, 3\)$"):
@@ -229,7 +229,7 @@ def test_uneven_split_is_announced():
 
 def test_check_output_dir_ignores_leftovers_of_failed_runs(tmp_path):
     from cl_hres.errors import ConfigError
-    from cl_hres.runner import check_output_dir
+    from cl_hres.run.prepare import check_output_dir
 
     out = tmp_path / "out"
     (out / "tensorboard").mkdir(parents=True)
@@ -250,7 +250,7 @@ def test_check_output_dir_ignores_leftovers_of_failed_runs(tmp_path):
 def test_experiences_that_can_learn_nothing_run_no_step_and_log_no_loss(tmp_path):
     """Default hres-nsp on split-digits: after the first experience every bank is closed
     (blocks 1-5) or dormant (block 0), so no SGD step runs and no epoch loss is logged."""
-    from cl_hres.data import load_digits_data
+    from cl_hres.data.datasets import load_digits_data
 
     out = tmp_path / "out"
     argv = ["run", "--out", str(out), "--experiences", "3", "--epochs", "1", "--no-progress"]

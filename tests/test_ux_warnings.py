@@ -71,7 +71,7 @@ def test_bad_data_in_a_fresh_process_is_one_stderr_line(tmp_path):
 
 def test_bad_option_in_a_fresh_process_is_one_line_without_torch(tmp_path):
     code = (
-        "import sys; from cl_hres.cli import main; "
+        "import sys; from cl_hres.cli.app import main; "
         f"code = main(['run', '--lr', '-1', '--out', {str(tmp_path / 'o')!r}]); "
         "print(code, 'torch' in sys.modules, 'avalanche' in sys.modules)"
     )
@@ -130,7 +130,7 @@ def test_cl_hres_warnings_print_as_one_line(capsys):
 
 
 def test_main_gives_the_caller_its_warning_settings_back(tmp_path, capsys):
-    from cl_hres.cli import main
+    from cl_hres.cli.app import main
 
     show, filters = warnings.showwarning, list(warnings.filters)
     assert main(["run", "--lr", "-1", "--out", str(tmp_path / "o")]) == 2

@@ -1,0 +1,1 @@
+"""The commands besides ``run``: ``compare``, ``analyze`` and ``bench``."""

@@ -1,0 +1,1 @@
+"""Datasets, benchmarks, class-incremental streams, input pipelines and loaders."""

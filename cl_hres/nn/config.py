@@ -1,0 +1,106 @@
+"""Dataclass configurations of the methods added to a frozen ViT (H-Res, LoRA, VPT).
+
+Each config validates itself in ``__post_init__`` (as peft's configs do), so a bad value
+fails when the config is built, before any model or data is touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cl_hres.checks import check_finite_positive, check_positive_int
+from cl_hres.errors import ConfigError
+
+__all__ = [
+    "HEAD_CHOICES",
+    "HResConfig",
+    "LoRAConfig",
+    "VPTConfig",
+]
+
+HEAD_CHOICES = ("linear", "ncm", "ridge")
+
+
+def _check_blocks(blocks: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    if blocks is None:
+        return None
+    blocks = tuple(blocks)
+    if not blocks:
+        raise ConfigError("blocks must name at least one block (or be None for all)")
+    for b in blocks:
+        if isinstance(b, bool) or not isinstance(b, int):
+            raise ConfigError(f"blocks must be integers, got {b!r}")
+    if len(set(blocks)) != len(blocks):
+        raise ConfigError(f"blocks must not repeat, got {list(blocks)}")
+    return blocks
+
+
+@dataclass
+class HResConfig:
+    """H-Res expert bottleneck adapters in parallel to ViT blocks."""
+
+    rank: int = field(default=32, metadata={"help": "Bottleneck width r of every expert."})
+    scale: float = field(default=1.0, metadata={"help": "λ multiplying the experts' sum."})
+    blocks: tuple[int, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "Indices of the blocks to adapt; None: all. Negative ones count from "
+            "the end (on the command line: --blocks=-1,-2)."
+        },
+    )
+    input: str = field(
+        default="block",
+        metadata={
+            "help": "What the experts read: block (the residual stream, the paper's) or "
+            "norm (it through the block's frozen first LayerNorm)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.input not in ("block", "norm"):
+            raise ConfigError(f"hres input must be block or norm, got {self.input!r}")
+        check_positive_int("hres rank", self.rank)
+        check_finite_positive("hres scale", self.scale)
+        self.blocks = _check_blocks(self.blocks)
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters on the linear maps of attention and/or MLP sub-modules."""
+
+    rank: int = field(default=8, metadata={"help": "Rank of A (r×in) and B (out×r)."})
+    alpha: float = field(default=16.0, metadata={"help": "Scale is alpha / rank."})
+    targets: tuple[str, ...] = field(
+        default=("attn",),
+        metadata={"help": "Sub-module types whose nn.Linear layers get LoRA: attn, mlp."},
+    )
+    blocks: tuple[int, ...] | None = field(
+        default=None, metadata={"help": "Indices of the blocks to adapt; None: all."}
+    )
+
+    def __post_init__(self) -> None:
+        check_positive_int("lora rank", self.rank)
+        check_finite_positive("lora alpha", self.alpha)
+        self.targets = tuple(self.targets)
+        bad = sorted(set(self.targets) - {"attn", "mlp"})
+        if bad or not self.targets:
+            raise ConfigError(f"lora targets must be a non-empty subset of attn,mlp, got {bad}")
+        self.blocks = _check_blocks(self.blocks)
+
+    @property
+    def scale(self) -> float:
+        """The factor alpha / rank applied to B·A."""
+        return self.alpha / self.rank
+
+
+@dataclass
+class VPTConfig:
+    """Visual prompt tuning: learnable tokens inserted after the prefix tokens."""
+
+    length: int = field(default=10, metadata={"help": "Number of prompt tokens p."})
+    deep: bool = field(default=True, metadata={"help": "New prompts at every block (deep)."})
+
+    def __post_init__(self) -> None:
+        check_positive_int("vpt length", self.length)
+        if not isinstance(self.deep, bool):
+            raise ConfigError(f"vpt deep must be true or false, got {self.deep!r}")

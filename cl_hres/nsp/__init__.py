@@ -1,0 +1,1 @@
+"""Null-space projection: the old inputs' covariance per expert bank, and its enforcement."""

@@ -1,0 +1,1 @@
+"""Metrics from the accuracy matrix, forward transfer, tables and plots."""

@@ -1,0 +1,1 @@
+"""One run in stages: configuration, preparation, the train-evaluate loop, report, checkpoints."""
