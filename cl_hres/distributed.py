@@ -40,10 +40,12 @@ def is_distributed() -> bool:
 
 
 def world_size() -> int:
+    """Number of processes in the group (1 when not distributed)."""
     return dist.get_world_size() if is_distributed() else 1
 
 
 def rank() -> int:
+    """This process's rank (0 when not distributed)."""
     return dist.get_rank() if is_distributed() else 0
 
 

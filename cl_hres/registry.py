@@ -82,6 +82,9 @@ class StrategySpec:
         reference: Strategy whose one-experience run is the forward-transfer reference
             (an NSP variant learns its first experience as its unprotected twin does);
             None: the strategy itself.
+        head: The evaluation head unless the run names one; None: ``ridge``.
+        ridge_projection: The ridge head's random-projection width unless the run names
+            one; None: 0 (no projection).
     """
 
     name: str
@@ -94,13 +97,17 @@ class StrategySpec:
     concat_pretrained: bool = False
     adapt_experiences: int | None = None
     reference: str | None = None
+    head: str | None = None
+    ridge_projection: int | None = None
 
     @property
     def method_name(self) -> str:
+        """The name of the strategy's method."""
         return self.method if isinstance(self.method, str) else self.method.name
 
     @property
     def method_spec(self) -> MethodSpec:
+        """The registered :class:`MethodSpec` of the strategy's method."""
         return METHODS[self.method_name]
 
     @property
@@ -245,6 +252,32 @@ for _spec in (
         reference="hres",  # one experience alone is learned exactly as hres learns it
         concat_pretrained=True,  # APER's own; 95.0 vs 91.8% (results/sweeps/concat-first-session)
         adapt_experiences=1,
+    ),
+    StrategySpec(
+        "hres-views",
+        "an H-Res expert per experience trained alone, prototypes over every expert's view "
+        "(EASE-style, exemplar-free)",
+        strategy_class=f"{_S}:ExpertViews",
+        reference="hres",
+        head="ncm",
+    ),
+    StrategySpec(
+        "simplecil",
+        "SimpleCIL: class means of the frozen backbone, cosine (no training at all)",
+        method="linear",
+        strategy_class=f"{_S}:SimpleCIL",
+        head="ncm",
+    ),
+    StrategySpec(
+        "ranpac",
+        "RanPAC: first-session expert, random ReLU projection, Gram ridge head",
+        strategy_class=f"{_S}:RanPAC",
+        expert_per_experience=False,
+        reference="hres",
+        adapt_experiences=1,
+        # RanPAC's M = 10,000 for a 768-wide ViT-B; 2,000 here keeps the Gram matrix of a
+        # small backbone at 32 MB (the projection's width is an option).
+        ridge_projection=2000,
     ),
 ):
     register_strategy(_spec)

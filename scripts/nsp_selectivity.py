@@ -11,7 +11,7 @@ inputs is at least ``1/√μ`` times its effect on new ones. When even the large
 small, no threshold can give an expert plasticity without moving old features: the
 directions it may learn in carry old inputs nearly as strongly as new ones.
 
-Example (the figures quoted in the README):
+Example (the figures quoted in docs/results.md):
     python scripts/nsp_selectivity.py --out results/nsp-selectivity --seed 0
 """
 

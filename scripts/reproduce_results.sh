@@ -8,7 +8,10 @@
 #                  backbone (~9 minutes) and makes its two admission runs.
 # Sweeps pin every option that differs between the defaults they chose and the defaults
 # before them (e.g. "concat_pretrained": false for the sweeps run before it became the
-# default), so each reproduces the figures in results/sweeps/*/sweep.md.
+# default), so each reproduces the figures in results/sweeps/*/sweep.md. Everything here
+# was measured with the image-weighted ridge head, before the class-balanced one became
+# the default: the cl-hres commands pass --no-balanced-head; a sweep reproduces its
+# figures exactly with "balanced_head": false added to its --base.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MPLBACKEND=Agg HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
@@ -45,7 +48,7 @@ if [ -z "${SKIP_SWEEPS:-}" ]; then
     python scripts/sweep.py --seeds 0,1,2,3,4,5,6,7 --out results/sweeps/nsp-threshold-1se-$sc \
       --base "{\"strategy\": \"hres-nsp\", \"scenario\": \"$sc\", $NOREF}" \
       --grid '{"nsp_threshold": [1e-4, 3e-5, 1e-5, 1e-6]}' --select nsp_threshold:min --plot-x nsp_threshold
-    # The same under RanPAC's projection (the head default under review, README).
+    # The same under RanPAC's projection (docs/defaults.md).
     python scripts/sweep.py --seeds 0,1,2,3,4,5,6,7 --out results/sweeps/nsp-threshold-1se-rp2000-$sc \
       --base "{\"strategy\": \"hres-nsp\", \"scenario\": \"$sc\", \"ridge_projection\": 2000, $NOREF}" \
       --grid '{"nsp_threshold": [1e-4, 3e-5, 1e-5, 1e-6]}' --select nsp_threshold:min --plot-x nsp_threshold
@@ -107,19 +110,19 @@ fi
 
 # 2. The targets: test split, 3 seeds, default settings; class- and task-incremental.
 for sc in class task; do
-  cl-hres compare --strategies $ALL --scenario $sc --seeds 0,1,2 \
+  cl-hres compare --no-balanced-head --strategies $ALL --scenario $sc --seeds 0,1,2 \
     --out results/split-digits-$sc --overwrite --no-progress > results/split-digits-$sc.log 2>&1 &
 done
 wait
 # LoRA and VPT at their validation-tuned learning rate (results/sweeps/{lora,vpt}-lr).
-cl-hres compare --strategies lora,vpt --lr 1e-4 --seeds 0,1,2 \
+cl-hres compare --no-balanced-head --strategies lora,vpt --lr 1e-4 --seeds 0,1,2 \
   --out results/split-digits-class-lr1e-4 --overwrite --no-progress > /dev/null 2>&1 &
 # The same stream on the same architecture, randomly initialised.
-cl-hres compare --strategies hres-nsp,linear,joint,aper --no-pretrained --seeds 0,1,2 --no-fwt-reference \
+cl-hres compare --no-balanced-head --strategies hres-nsp,linear,joint,aper --no-pretrained --seeds 0,1,2 --no-fwt-reference \
   --out results/split-digits-class-random-init --overwrite --no-progress > /dev/null 2>&1 &
 wait
 # What the concatenation buys each strategy on the test split (its default is on).
-cl-hres compare --strategies hres-nsp,lora-nsp,aper,joint --no-concat-pretrained --seeds 0,1,2 \
+cl-hres compare --no-balanced-head --strategies hres-nsp,lora-nsp,aper,joint --no-concat-pretrained --seeds 0,1,2 \
   --out results/split-digits-class-no-concat --overwrite --no-progress > /dev/null 2>&1
 
 # 3. Claims of the paper on the pretrained backbone, against a VPT run of the same stream.
@@ -131,8 +134,8 @@ cp results/split-digits-class/lora-nsp/seed0/analysis.md results/analysis-lora-n
 # 4. How selective the directions an NSP expert may learn in can be (validation data).
 python scripts/nsp_selectivity.py --out results/nsp-selectivity --seed 0 --set '{"rank": 32}' > /dev/null
 # The previous default (1e-4, rank 32, every open bank takes an expert), for the
-# free-energy shares quoted in the README.
-cl-hres run --nsp-threshold 1e-4 --rank 32 --nsp-min-free-energy 0 --no-fwt-reference --out results/threshold-1e-4/runs/seed0 --overwrite --no-progress > /dev/null 2>&1
+# free-energy shares quoted in docs/results.md.
+cl-hres run --no-balanced-head --nsp-threshold 1e-4 --rank 32 --nsp-min-free-energy 0 --no-fwt-reference --out results/threshold-1e-4/runs/seed0 --overwrite --no-progress > /dev/null 2>&1
 cl-hres analyze --run results/threshold-1e-4/runs/seed0 > /dev/null
 cp results/threshold-1e-4/runs/seed0/analysis.md results/analysis-threshold-1e-4.md
 
@@ -159,7 +162,7 @@ HO="\"benchmark\": \"$H/stream.npz\", \"weights\": \"$H/backbone/fmnist.safetens
         --base "{\"strategy\": \"$st\", $HO}" --grid '{"ridge_projection": [0, 2000]}'
     done
   fi
-  cl-hres compare --strategies hres-nsp,linear --ridge-projection 2000 --seeds 0,1,2 --no-fwt-reference \
+  cl-hres compare --no-balanced-head --strategies hres-nsp,linear --ridge-projection 2000 --seeds 0,1,2 --no-fwt-reference \
     --config benchmarks/heldout-fmnist.yaml --out $H/class-rp2000 --overwrite --no-progress
 ) > $H/sweeps.log 2>&1 &
 side=$!
@@ -167,11 +170,11 @@ side=$!
 # the history's admission_free_energy / admission_old_free_energy.
 for stream in digits heldout; do
   cfg=""; [ $stream = heldout ] && cfg="--config benchmarks/heldout-fmnist.yaml"
-  cl-hres run $cfg --validation 0.2 --nsp-threshold 1e-4 --nsp-min-selectivity 10 --no-fwt-reference \
+  cl-hres run --no-balanced-head $cfg --validation 0.2 --nsp-threshold 1e-4 --nsp-min-selectivity 10 --no-fwt-reference \
     --out $H/admission/$stream --overwrite --no-progress > /dev/null 2>&1
 done
 for sc in class task; do
-  cl-hres compare --strategies hres-nsp,aper,linear,lora-nsp,joint --scenario $sc --seeds 0,1,2 \
+  cl-hres compare --no-balanced-head --strategies hres-nsp,aper,linear,lora-nsp,joint --scenario $sc --seeds 0,1,2 \
     --config benchmarks/heldout-fmnist.yaml --out $H/$sc --overwrite --no-progress > $H/$sc.log 2>&1
 done
 wait "$side"  # fails the script if the sweeps or the projection comparison failed

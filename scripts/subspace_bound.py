@@ -33,7 +33,7 @@ lacks its statistics in subspace ``k``. This script measures, on the validation 
 Accuracies are final average accuracies (the mean over experiences of the accuracy on
 each experience's validation images), as in ``cl-hres`` runs and ``scripts/sweep.py``.
 
-Example (the figures quoted in the README):
+Example (the figures quoted in docs/results.md):
     python scripts/subspace_bound.py --seeds 0,1,2,3 --out results/subspace-bound/split-digits
 """
 

@@ -14,7 +14,7 @@ torch.set_num_threads(2)
 
 
 class TinyRun(NamedTuple):
-    """A finished run shared by the tests of a session: read it, copy it to change it."""
+    """A finished run shared by every test of one pytest run: read it, copy it to change it."""
 
     out: Path
     stdout: str

@@ -26,7 +26,9 @@ def test_run_writes_every_output(request, scenario):
     assert all(0 <= a <= 1 for i, row in enumerate(r) for a in row[: i + 1])
     for key, value in summarise(r, res["untrained_accuracy"], scenario, "ridge").items():
         assert res[key] == value
-    assert res["fwt"] is None  # undefined for a statistics head
+    assert res["fwt_lopez_paz"] is None  # undefined for a statistics head
+    transfer = res["forward_transfer"]
+    assert res["fwt"] == (transfer["mean"] if transfer else None)
     assert (res["untrained_accuracy"] is None) == (scenario == "class")
     assert res["strategy"] == "hres-nsp" and res["benchmark"] == "split-digits"
     assert res["scenario"] == scenario and res["seed"] == 0
@@ -111,16 +113,30 @@ def test_same_seed_gives_identical_results(tmp_path, tiny_run):
 def test_readme_example_runs(tmp_path, monkeypatch):
     from pathlib import Path
 
+    import torch
+
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     start = readme.index("<!-- example:start -->")
     block = readme[start : readme.index("<!-- example:end -->")]
     code = block.split("```python\n", 1)[1].split("```", 1)[0]
     assert len(code.strip().splitlines()) <= 30
     monkeypatch.chdir(tmp_path)
+    # The example seeds only its stream: new experts draw their initial weights from
+    # torch's global generator, and over torch seeds 0-2 its accuracy spans 0.942-0.967.
+    # Seeded here, the figure is one number (0.956, whatever the thread count); forked, so
+    # the tests after this one draw as they would without it.
     namespace: dict = {}
-    exec(compile(code, "README-example", "exec"), namespace)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        exec(compile(code, "README-example", "exec"), namespace)
+    # A bound that holds for every seed tried, far above what a broken method reaches
+    # (experts' output 1000× too large: 0.78; chance: 0.1). The frozen backbone with the
+    # ridge head alone (experts off) gives 0.938 here, so accuracy cannot tell that apart.
     acc = namespace["accuracy"]
-    assert 0.0 < acc <= 1.0
+    assert 0.93 <= acc <= 1.0, acc
+    last = namespace["strategy"].nsp_plugin.history[-1]  # what the example prints
+    dims, widths = last["null_space_dims"], last["input_dims"]
+    assert len(dims) == len(widths) > 0 and all(0 <= d <= w for d, w in zip(dims, widths))
 
 
 def test_task_incremental_heads_are_per_task_and_fwt_defined_for_linear_head(
@@ -144,7 +160,7 @@ def test_task_incremental_heads_are_per_task_and_fwt_defined_for_linear_head(
         ]
     )
     res = _results(lin)
-    assert res["fwt"] is not None
+    assert res["fwt_lopez_paz"] is not None
     # The untrained linear head is measured (R[j-1][j] of FWT): those cells are kept.
     assert all(a is not None for row in res["accuracy_matrix"] for a in row)
 

@@ -74,6 +74,37 @@ def test_attention_statistics_leave_the_model_in_its_mode():
     assert len(stats) == 2 and vit.training  # measured in eval mode, training mode restored
 
 
+def test_attention_statistics_read_timms_own_attention_probabilities():
+    """One qkv projection per block (timm's own forward, nothing recomputed); modes restored."""
+    import math
+
+    from _helpers import make_vit
+    from timm.models.vision_transformer import Attention
+
+    vit = make_vit()
+    attns = [m for m in vit.modules() if isinstance(m, Attention)]
+    attns[1].fused_attn = False  # a setting of the model's own: kept as it was
+    before = [a.fused_attn for a in attns]
+    calls = []
+    for a in attns:
+        a.qkv.register_forward_hook(lambda m, args, out: calls.append(m))
+    stats = attention_statistics(vit, torch.randn(3, 1, 8, 8))
+    assert calls == [a.qkv for a in attns]
+    assert [a.fused_attn for a in attns] == before
+    assert not any(a.attn_drop._forward_hooks for a in attns)
+    for rec in stats:  # 4 patches + cls: entropies of 5-way distributions
+        assert rec["sequence_length"] == 5 and 0 < rec["entropy"] <= math.log(5) + 1e-6
+
+
+def test_checkpoint_module_exports_only_its_own_functions():
+    """No names kept for old import paths (atomic_write_text is cl_hres.fileio's)."""
+    from cl_hres.run import checkpoint
+
+    assert not hasattr(checkpoint, "atomic_write_text")
+    for name in checkpoint.__all__:
+        assert getattr(checkpoint, name).__module__ == checkpoint.__name__, name
+
+
 def test_analyze_reports_claims_on_a_tiny_run(tmp_path, capsys, tiny_run):
     import shutil
 

@@ -88,14 +88,48 @@ def test_batched_eval_transform_is_bit_identical_to_the_per_image_one():
     assert precompute_in_memory(data, DIGITS_CFG, "crop") is None  # augmented: per image
 
 
-def test_batched_random_resized_crop_is_seeded_and_flips():
-    cfg = {"input_size": [3, 16, 16], "mean": [0.0] * 3, "std": [1.0] * 3}
-    x = torch.arange(8 * 8, dtype=torch.float32).repeat(2, 3, 1).view(2, 3, 8, 8).div(64)
-    out = [BatchTransform(cfg, "crop-flip")(x, torch.Generator().manual_seed(s)) for s in (0, 0)]
-    assert out[0].shape == (2, 3, 16, 16) and torch.equal(out[0], out[1])
-    # A whole-image "crop" with the flip sign is the resize, mirrored.
-    ident = BatchTransform(cfg, "crop")
-    assert ident(torch.zeros(4, 3, 8, 8, dtype=torch.uint8)).abs().max() == 0
+def test_batched_transform_leaves_the_callers_images_alone():
+    """Float32 images already at the input size are normalised in a copy, not in place."""
+    cfg = {"input_size": [1, 8, 8], "mean": [0.5], "std": [0.25]}
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    before = x.clone()
+    out = BatchTransform(cfg)(x)
+    assert torch.equal(x, before)
+    assert torch.allclose(out, (before - 0.5) / 0.25)
+
+
+def _package_sources() -> dict[str, str]:
+    root = Path(__file__).resolve().parents[1] / "cl_hres"
+    return {str(f.relative_to(root)): f.read_text() for f in sorted(root.rglob("*.py"))}
+
+
+def test_input_pipeline_pieces_are_defined_once():
+    """One crop policy, one DataLoader-argument builder, one worker-count parser."""
+    sources = _package_sources()
+
+    def where(pattern: str) -> list[str]:
+        return [name for name, text in sources.items() for _ in re.finditer(pattern, text)]
+
+    # The random-resized-crop policies (scale, ratio) of cl_hres.data.transforms only.
+    assert where(r"\(0\.05, 1\.0\)") == ["data/transforms.py"]
+    assert where(r"3 / 4, 4 / 3") == ["data/transforms.py"]
+    # Every DataLoader's workers are set up by loaders.loader_kwargs.
+    assert where(r"worker_init_fn=init_worker") == ["data/loaders.py"]
+
+
+def test_cli_parses_num_workers_with_the_loaders_parser(tmp_path, capsys):
+    """``--num-workers`` and a recipe's ``num_workers`` accept and refuse the same values."""
+    from cl_hres.cli.options import _workers
+    from cl_hres.data.loaders import parse_num_workers
+
+    assert (_workers("auto"), _workers("0"), _workers("3")) == ("auto", 0, 3)
+    for bad in ("-2", "many", "1.5"):
+        with pytest.raises(ConfigError) as info:
+            parse_num_workers(bad)
+        with pytest.raises(SystemExit):
+            main(["run", "--num-workers", bad, "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(info.value) in err
 
 
 def test_spawned_workers_print_no_known_warnings(capfd):

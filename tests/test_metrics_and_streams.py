@@ -2,8 +2,9 @@
 
 import pytest
 
+from cl_hres.data.class_order import class_order, experience_sizes
 from cl_hres.data.datasets import load_digits_data
-from cl_hres.data.streams import build_stream, class_split
+from cl_hres.data.streams import build_stream
 from cl_hres.errors import ConfigError
 from cl_hres.reporting.metrics import accuracy_row_from_results, summarise
 
@@ -16,9 +17,9 @@ def test_metrics_match_hand_computed_values():
     # max over i < T-1: exp0 max(0.9, 0.7) - 0.6; exp1 0.8 - 0.5
     assert m["forgetting"] == pytest.approx((0.3 + 0.3) / 2)
     assert m["bwt"] == pytest.approx(((0.6 - 0.9) + (0.5 - 0.8)) / 2)
-    assert m["fwt"] == pytest.approx(((0.1 - 0.1) + (0.2 - 0.3)) / 2)
-    assert summarise(r, None, "class")["fwt"] is None
-    assert summarise(r, [0.5, 0.1, 0.3], "task", head="ridge")["fwt"] is None
+    assert m["fwt_lopez_paz"] == pytest.approx(((0.1 - 0.1) + (0.2 - 0.3)) / 2)
+    assert summarise(r, None, "class")["fwt_lopez_paz"] is None
+    assert summarise(r, [0.5, 0.1, 0.3], "task", head="ridge")["fwt_lopez_paz"] is None
     joint = summarise([[0.9, 0.8]], None, "class")
     assert joint["forgetting"] is None and joint["final_average_accuracy"] == pytest.approx(0.85)
 
@@ -35,11 +36,11 @@ def test_accuracy_row_parses_task_aware_keys():
 
 
 def test_class_split_keeps_every_class():
-    order, per = class_split(10, 3, seed=1)
+    order, per = class_order("seeded", 10, seed=1), experience_sizes(10, 3)
     assert sorted(order) == list(range(10)) and per == [4, 3, 3]
-    assert class_split(10, 3, seed=1)[0] == order and class_split(10, 3, seed=2)[0] != order
+    assert class_order("seeded", 10, 1) == order and class_order("seeded", 10, 2) != order
     with pytest.raises(ConfigError):
-        class_split(4, 5, seed=0)
+        experience_sizes(4, 5)
 
 
 @pytest.mark.parametrize("scenario", ["class", "task"])
@@ -77,7 +78,7 @@ def test_untrained_cells_are_null_except_a_task_linear_head():
     assert mask_untrained(r, "task", "linear") == r  # R[j-1][j] of FWT is a measurement
     assert mask_untrained([[0.9, 0.8, 0.7]], "class", "ridge", joint=True) == [[0.9, 0.8, 0.7]]
     m = summarise(masked, None, "class", "ridge")
-    assert m["final_average_accuracy"] == pytest.approx(0.6) and m["fwt"] is None
+    assert m["final_average_accuracy"] == pytest.approx(0.6) and m["fwt_lopez_paz"] is None
 
 
 def test_experience_scalars_skip_unseen_and_use_joint_average():
@@ -100,7 +101,7 @@ def test_experience_scalars_skip_unseen_and_use_joint_average():
     assert joint["cl/average_accuracy_seen"] == pytest.approx(0.762)
     assert len([k for k in joint if k.startswith("cl/accuracy_exp")]) == 3
     task = experience_scalars([[0.9, 0.3], [0.8, 0.7]], [0.5, 0.1], "task", "linear")
-    assert task["cl/fwt"] == pytest.approx(0.3 - 0.1)
+    assert task["cl/fwt_lopez_paz"] == pytest.approx(0.3 - 0.1)
 
 
 def test_plugin_scalars_come_from_the_last_history_entry():

@@ -1,4 +1,4 @@
-"""NSP guarantees of issue 10 / 14: devices, dtypes, plugin order, edge cases, η, probes."""
+"""NSP guarantees: devices, dtypes, plugin order, edge cases, η, probes."""
 
 import warnings
 

@@ -87,8 +87,13 @@ def test_npz_of_any_size_runs_with_default_flags(tmp_path, layout):
     assert _results(out)["data_config"]["input_size"] == [3 if layout == "rgb32" else 1, 28, 28]
 
 
-def _write_cifar100(root, per_class: int = 1, seed: int = 0) -> None:
-    """A tiny CIFAR-100 in torchvision's on-disk layout (the python pickles)."""
+def _write_cifar100(root, per_class: int = 1, seed: int = 0) -> dict[str, str]:
+    """A tiny CIFAR-100 in torchvision's on-disk layout (the python pickles).
+
+    Returns:
+        The md5 of each file, for the loader's test hook ``datasets._CIFAR_MD5`` (these
+        are not the official files, which alone pass the loader's checksums).
+    """
     rng = np.random.default_rng(seed)
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True)
@@ -99,12 +104,60 @@ def _write_cifar100(root, per_class: int = 1, seed: int = 0) -> None:
         (folder / split).write_bytes(pickle.dumps(entry))
     meta = {"fine_label_names": [f"class{c}" for c in range(100)]}
     (folder / "meta").write_bytes(pickle.dumps(meta))
+    return {
+        f: hashlib.md5((folder / f).read_bytes()).hexdigest() for f in ("train", "test", "meta")
+    }
+
+
+class _MakesDirectory:
+    """Unpickling this runs ``os.mkdir(path)``: what a hostile "CIFAR" file could do."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (str(self.path),)
+
+
+def test_cifar100_files_that_are_not_the_official_ones_are_refused_unopened(tmp_path, capsys):
+    """The files are unpickled: only torchvision's checksums (the official files) load."""
+    _write_cifar100(tmp_path / "data")
+    marker = tmp_path / "unpickled"
+    (tmp_path / "data" / "cifar-100-python" / "train").write_bytes(
+        pickle.dumps(_MakesDirectory(marker))
+    )
+    out = tmp_path / "run"
+    args = ["run", "--benchmark", "split-cifar100", "--data-root", str(tmp_path / "data")]
+    assert main([*args, "--out", str(out), *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "cifar-100-python" in err[0] and "checksum does not match" in err[0]
+    assert "unpickled" in err[0]
+    assert not marker.exists() and not out.exists()
+
+
+def test_cifar100_checksums_are_torchvisions():
+    from torchvision.datasets import CIFAR100
+
+    from cl_hres.data import datasets
+
+    assert datasets._CIFAR_MD5 is None  # the test hook is off outside the tests that set it
+    table = datasets._cifar_md5()
+    assert table == {
+        "train": CIFAR100.train_list[0][1],
+        "test": CIFAR100.test_list[0][1],
+        "meta": CIFAR100.meta["md5"],
+    }
 
 
 @pytest.mark.slow
-def test_cifar100_protocol_at_224_with_in21k_weights(tmp_path):
+def test_cifar100_protocol_at_224_with_in21k_weights(tmp_path, monkeypatch):
     """The GPU user's path (split-cifar100, an augreg_in21k tag, --weights), minus the download."""
     from safetensors.torch import save_file
+
+    from cl_hres.data import datasets
 
     name = "vit_tiny_patch16_224.augreg_in21k"
     torch.manual_seed(0)
@@ -114,7 +167,8 @@ def test_cifar100_protocol_at_224_with_in21k_weights(tmp_path):
     save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("backbone_kwargs: {depth: 3}\n")
-    _write_cifar100(tmp_path / "data")
+    # The fake files' checksums stand in for the official ones: the verification still runs.
+    monkeypatch.setattr(datasets, "_CIFAR_MD5", _write_cifar100(tmp_path / "data"))
     out = tmp_path / "cifar"
     args = [
         "run", "--benchmark", "split-cifar100", "--data-root", str(tmp_path / "data"),

@@ -54,6 +54,7 @@ class FeatureDriftPlugin(
         self.history = [dict(h, drift={int(k): v for k, v in h["drift"].items()}) for h in history]
 
     def after_training_exp(self, strategy, **kwargs) -> None:
+        """Stores the experience's probe and measures how far the earlier probes moved."""
         drift = self.probes.update(strategy.model, strategy)
         self.history.append({"experience": len(self.history), "drift": drift})
 

@@ -67,7 +67,9 @@ class FeatureProbes:
         out = {}
         for j, (x, y, f) in enumerate(zip(self.x, self.y, self.ref)):
             ref = f.double()
-            delta = model_features(model, x).double() - ref
+            # A model whose head features grow (a view per experience, cl_hres.nn.views)
+            # keeps the old ones in front: drift is measured on what existed back then.
+            delta = model_features(model, x).double()[:, : ref.shape[1]] - ref
             rms = float(delta.pow(2).sum(1).mean().sqrt())
             out[j] = {
                 "relative": float(delta.norm() / ref.norm().clamp_min(1e-12)),

@@ -27,10 +27,12 @@ class FiniteLossPlugin(SupervisedPlugin, supports_distributed=True):
         self._bad: torch.Tensor | None = None
 
     def before_backward(self, strategy, **kwargs) -> None:
+        """Notes whether this step's loss is NaN or Inf (checked once per epoch)."""
         bad = ~torch.isfinite(strategy.loss.detach())
         self._bad = bad if self._bad is None else self._bad | bad
 
     def after_training_epoch(self, strategy, **kwargs) -> None:
+        """Raises TrainingDivergedError on every process if any step's loss was not finite."""
         bad = (
             self._bad
             if self._bad is not None

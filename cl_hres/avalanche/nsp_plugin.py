@@ -130,20 +130,25 @@ class NullSpaceProjectionPlugin(
         return guard.admitting() if guard.needs_admission_pass else None
 
     def before_training_exp(self, strategy, **kwargs) -> None:
+        """Puts the new experts' initial ``down`` weights into the null space."""
         # The new expert's initial down weights must already lie in the null space.
         self._guard(strategy).project_weights()
 
     def after_backward(self, strategy, **kwargs) -> None:
+        """Projects the new experts' gradients into the null space."""
         self._guard(strategy).project_grads()
 
     def before_update(self, strategy, **kwargs) -> None:
+        """Marks the start of an optimizer step (the guard notes what it may move)."""
         self._guard(strategy).begin_update()
 
     def after_update(self, strategy, **kwargs) -> None:
+        """Projects the new experts' ``down`` weights back into the null space after the step."""
         self._guard(strategy).project_weights()
 
     @torch.no_grad()
     def after_training_exp(self, strategy, **kwargs) -> None:
+        """Adds the experience's inputs to the covariance and records the diagnostics."""
         guard = self._guard(strategy)
         model = strategy.model
         provider = find_plugin(strategy, StatisticsPassProvider)

@@ -13,10 +13,12 @@ from avalanche.training.templates import SupervisedTemplate
 
 from cl_hres import registry
 from cl_hres.avalanche.template import ViTTemplate
+from cl_hres.nn.views import ExpertViewsViT
 
 __all__ = [
     "STRATEGIES",
     "FineTune",
+    "ExpertViews",
     "FirstSessionAdaptation",
     "HRes",
     "HResNSP",
@@ -24,6 +26,8 @@ __all__ = [
     "LinearProbe",
     "LoRA",
     "LoRANSP",
+    "RanPAC",
+    "SimpleCIL",
     "VPT",
     "ViTTemplate",
     "strategy_class",
@@ -40,6 +44,8 @@ def _configure(cls: type, spec: registry.StrategySpec) -> type:
     cls.trains_whole_stream = spec.trains_whole_stream
     cls.concat_pretrained = spec.concat_pretrained
     cls.adapt_experiences = spec.adapt_experiences
+    cls.default_head = spec.head or "ridge"
+    cls.default_ridge_projection = spec.ridge_projection or 0
     return cls
 
 
@@ -132,3 +138,28 @@ class Joint(ViTTemplate, JointTraining):
 
     Call ``train`` once with the whole train stream.
     """
+
+
+@_from_registry("simplecil")
+class SimpleCIL(ViTTemplate):
+    """SimpleCIL: cosine to the class means of the frozen pretrained backbone."""
+
+
+@_from_registry("ranpac")
+class RanPAC(ViTTemplate):
+    """RanPAC: a first-experience expert, a random ReLU projection, a Gram ridge head.
+
+    The expert trains on the first experience only; the head reads the adapted features
+    through the projection, its λ chosen by GCV at every fit.
+    """
+
+
+@_from_registry("hres-views")
+class ExpertViews(ViTTemplate):
+    """An H-Res expert per experience, trained alone; the head reads every expert's view.
+
+    Old classes' prototypes in a new view come from class similarities in the pretrained
+    view (EASE's prototype complement): exemplar-free (:mod:`cl_hres.nn.views`).
+    """
+
+    model_class = ExpertViewsViT

@@ -58,9 +58,13 @@ class ViTTemplate(SupervisedTemplate):
         plugins: Extra Avalanche plugins (run after this strategy's own).
         evaluator: Avalanche EvaluationPlugin.
         eval_every: As in Avalanche.
-        head: Evaluation head protocol: ``ridge``, ``ncm`` or ``linear``.
+        head: Evaluation head protocol: ``ridge``, ``ncm`` or ``linear``; None: the
+            strategy's (``ncm`` for SimpleCIL, else ``ridge``).
         ridge: Relative ridge penalty of the ``ridge`` head; None: chosen by GCV.
-        ridge_projection: Width of the ridge head's random ReLU projection (0: none).
+        ridge_projection: Width of the ridge head's random ReLU projection (0: none);
+            None: the strategy's (2,000 for RanPAC, else 0).
+        balanced_head: Weight every class equally in the ridge head's statistics, however
+            many images it has (:class:`~cl_hres.nn.heads.RidgeHead`).
         drift_compensation: Map the statistics head's stored sums through the feature
             drift measured on each new experience's data (cl_hres.nn.drift_compensation).
         concat_pretrained: Head features ``[pretrained(x), adapted(x)]`` (APER); None:
@@ -82,6 +86,10 @@ class ViTTemplate(SupervisedTemplate):
     config_type: ClassVar[type | None] = HResConfig
     concat_pretrained: ClassVar[bool] = False
     adapt_experiences: ClassVar[int | None] = None
+    default_head: ClassVar[str] = "ridge"
+    # The model class a strategy builds (a subclass changes how the head reads features).
+    model_class: ClassVar[type[ContinualViT]] = ContinualViT
+    default_ridge_projection: ClassVar[int] = 0
 
     def __init__(
         self,
@@ -98,9 +106,10 @@ class ViTTemplate(SupervisedTemplate):
         plugins: Sequence[Any] | None = None,
         evaluator: Any = default_evaluator,
         eval_every: int = -1,
-        head: str = "ridge",
+        head: str | None = None,
         ridge: float | None = None,
-        ridge_projection: int = 0,
+        ridge_projection: int | None = None,
+        balanced_head: bool = True,
         drift_compensation: bool = False,
         concat_pretrained: bool | None = None,
         method_config: HResConfig | LoRAConfig | VPTConfig | None = None,
@@ -120,14 +129,31 @@ class ViTTemplate(SupervisedTemplate):
                 head=head,
                 ridge=ridge,
                 ridge_projection=ridge_projection,
+                balanced_head=balanced_head,
                 drift_compensation=drift_compensation,
                 concat_pretrained=concat_pretrained,
                 num_classes=num_classes,
             )
         self._optimizer_factory = _optimizer_factory(optimizer, lr, weight_decay)
-        self.seed = seed
-        self.bf16 = bf16
+        self.seed, self.bf16 = seed, bf16
         self._ddp: nn.Module | None = None
+        super().__init__(
+            model=model,
+            # Avalanche wants an optimizer now; make_optimizer replaces it per experience.
+            optimizer=self._optimizer_factory(list(model.parameters())),
+            criterion=criterion or nn.CrossEntropyLoss(),
+            train_mb_size=train_mb_size,
+            train_epochs=train_epochs,
+            eval_mb_size=eval_mb_size,
+            device=device,
+            plugins=[*self._own_plugins(model, nsp_config), *(plugins or [])],
+            evaluator=evaluator,
+            eval_every=eval_every,
+            **kwargs,
+        )
+
+    def _own_plugins(self, model: ContinualViT, nsp_config: NullSpaceConfig | None) -> list:
+        """The strategy's own plugins: the ViT bookkeeping, drift, and NSP if it uses it."""
         # Drift is measured for every strategy: it tells feature drift from head confusion.
         self.drift_plugin = FeatureDriftPlugin()
         own: list[Any] = [ContinualViTPlugin(), self.drift_plugin]
@@ -138,23 +164,12 @@ class ViTTemplate(SupervisedTemplate):
             # state dict (covariances, projectors) loads into a freshly built strategy.
             self.nsp_plugin.attach(model)
             own.append(self.nsp_plugin)
-        super().__init__(
-            model=model,
-            # Avalanche wants an optimizer now; make_optimizer replaces it per experience.
-            optimizer=self._optimizer_factory(list(model.parameters())),
-            criterion=criterion or nn.CrossEntropyLoss(),
-            train_mb_size=train_mb_size,
-            train_epochs=train_epochs,
-            eval_mb_size=eval_mb_size,
-            device=device,
-            plugins=[*own, *(plugins or [])],
-            evaluator=evaluator,
-            eval_every=eval_every,
-            **kwargs,
-        )
+        return own
 
     def _check_ready_model(self, model: ContinualViT, concat_pretrained: bool | None) -> None:
         """Raises ConfigError unless a ready model has this strategy's structure."""
+        if not isinstance(model, self.model_class):
+            raise ConfigError(f"{self.name} needs a {self.model_class.__name__} model")
         # A ready model keeps its own head features unless the caller asks otherwise.
         wanted = {
             "method": self.method,
@@ -186,15 +201,20 @@ class ViTTemplate(SupervisedTemplate):
             method_config: Config of the strategy's method; None: its defaults.
             concat_pretrained: Head features ``[pretrained(x), adapted(x)]``; None: the
                 strategy's default.
-            **head_options: ``head``, ``ridge``, ``ridge_projection``,
-                ``drift_compensation``, ``num_classes`` (see :class:`ContinualViT`).
+            **head_options: ``head``, ``ridge``, ``ridge_projection``, ``balanced_head``,
+                ``drift_compensation``, ``num_classes`` (see :class:`ContinualViT`); the
+                strategy's head and projection unless given.
         """
         if method_config is not None and not isinstance(method_config, cls.config_type or ()):
             raise ConfigError(
                 f"{cls.name} takes a {getattr(cls.config_type, '__name__', 'no')} config, "
                 f"got {type(method_config).__name__}"
             )
-        return ContinualViT(
+        if head_options.get("head") is None:
+            head_options["head"] = cls.default_head
+        if head_options.get("ridge_projection") is None:
+            head_options["ridge_projection"] = cls.default_ridge_projection
+        return cls.model_class(
             backbone,
             method=cls.method,
             method_config=method_config,
@@ -207,6 +227,7 @@ class ViTTemplate(SupervisedTemplate):
         )
 
     def forward(self) -> torch.Tensor:
+        """The model's logits for the current mini-batch (bf16 autocast in training only)."""
         # Task labels reach the model whenever batches carry them (x, y, t): the model
         # decides whether they restrict the classes.
         task_labels = self.mbatch[2] if len(self.mbatch) >= 3 else None
@@ -234,6 +255,7 @@ class ViTTemplate(SupervisedTemplate):
             super()._train_exp(experience, eval_streams, **kwargs)
 
     def make_optimizer(self, **kwargs: Any) -> None:
+        """A fresh optimizer over the parameters trainable now (DDP-wrapped when distributed)."""
         # Avalanche's default hands frozen parameters to the optimizer too and mis-assigns
         # new ones with several param groups; a fresh optimizer per experience over the
         # trainable parameters is what every method here expects.
@@ -260,6 +282,7 @@ class ViTTemplate(SupervisedTemplate):
         drop_last: bool = False,
         **kwargs: Any,
     ) -> None:
+        """The training loader: a seeded DistributedSampler, the batch split across processes."""
         # A DistributedSampler in every case (one replica when alone): its order depends
         # only on (seed, experience, epoch), so a resumed run replays it exactly and N
         # processes see, batch for batch, the same images as one process.
@@ -293,6 +316,7 @@ class ViTTemplate(SupervisedTemplate):
         persistent_workers: bool = False,
         **kwargs: Any,
     ) -> None:
+        """The evaluation loader, sharded across processes when distributed."""
         dataset = self.adapted_dataset
         if distributed.is_distributed():
             dataset = distributed.shard(dataset)

@@ -64,6 +64,7 @@ class RunTensorboardLogger(TensorboardLogger):
         return self._writer
 
     def log_single_metric(self, name: str, value, x_plot: int) -> None:
+        """Logs one scalar unless its name starts with a skipped prefix."""
         if not name.startswith(self.skip):
             super().log_single_metric(name, value, x_plot)
 

@@ -36,6 +36,7 @@ class ContinualViTPlugin(StatisticsPassProvider, SupervisedPlugin, supports_dist
         self._pass_fed = False
 
     def after_train_dataset_adaptation(self, strategy, **kwargs) -> None:
+        """Starts the experience on the model: admission pass (NSP), experts, class bookkeeping."""
         if strategy.model.adds_experts:
             self._admission_pass(strategy)
         strategy.model.begin_experience(
@@ -69,12 +70,14 @@ class ContinualViTPlugin(StatisticsPassProvider, SupervisedPlugin, supports_dist
                 model.backbone_features(x)
 
     def before_training_exp(self, strategy, **kwargs) -> None:
+        """Records the features before training, for drift compensation (if on)."""
         # The features before training, for drift compensation (a no-op without it). The
         # new experts start at zero, so these are the previous model's features.
         if getattr(strategy.model, "drift_compensation", False):
             strategy.model.record_features_before(eval_batches(strategy))
 
     def after_training_exp(self, strategy, **kwargs) -> None:
+        """Runs the experience's statistics pass (once, whichever plugin asks first)."""
         self.statistics_pass_once(strategy)
 
     def statistics_pass_once(self, strategy) -> bool:
@@ -104,6 +107,7 @@ class ContinualViTPlugin(StatisticsPassProvider, SupervisedPlugin, supports_dist
         return self._pass_fed
 
     def before_eval_exp(self, strategy, **kwargs) -> None:
+        """Grows the logits to the evaluated experience's classes (unseen ones -inf)."""
         # Test streams hold classes not trained yet: their logits must exist (as -inf)
         # for the loss, as Avalanche's IncrementalClassifier grows before evaluation.
         classes = strategy.experience.classes_in_this_experience

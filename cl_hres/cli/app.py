@@ -166,13 +166,12 @@ def _print_summary(rows: dict[str, dict[str, Any]]) -> None:
 
     print(
         f"{'strategy':<10} {'final acc':>9} {'avg inc':>8} {'forget':>7} {'BWT':>7} {'FWT':>7} "
-        f"{'FWT-alone':>9} {'drift':>8}"
+        f"{'drift':>8}"
     )
     for name, r in rows.items():
-        alone = (r.get("forward_transfer") or {}).get("mean")
         print(
             f"{name:<10} {pct(r['final_average_accuracy']):>9} {pct(r['average_incremental_accuracy']):>8} "
-            f"{pct(r['forgetting']):>7} {pct(r['bwt']):>7} {pct(r['fwt']):>7} {pct(alone):>9} "
+            f"{pct(r['forgetting']):>7} {pct(r['bwt']):>7} {pct(r['fwt']):>7} "
             f"{drift(r.get('final_feature_drift')):>8}"
         )
 
@@ -274,7 +273,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cl-hres`` console script."""
     # OpenMP threads that spin while they wait made a default run 26× slower on a shared
-    # 2-core machine (README "Costs"); sleeping waits cost little. Set before torch loads
+    # 2-core machine (docs/costs.md); sleeping waits cost little. Set before torch loads
     # OpenMP (the CLI imports torch lazily); an explicit setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # Scoped, so that a caller of main() (a test, a notebook) gets its warning settings back.

@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from cl_hres import registry
+from cl_hres.data.benchmarks import BENCHMARKS
+from cl_hres.data.loaders import parse_num_workers
+from cl_hres.errors import ConfigError
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -22,6 +25,7 @@ class OneLineParser(argparse.ArgumentParser):
     """
 
     def error(self, message: str) -> None:  # argparse would print the usage too
+        """Prints ``message`` as one stderr line and exits with status 2."""
         self.exit(2, f"{self.prog}: error: {message}\n")
 
     def json_option(self, flag: str, text: str) -> Any:
@@ -51,14 +55,22 @@ def _ridge(text: str) -> float | str:
 
 
 def _workers(text: str) -> int | str:
-    if text == "auto":
+    """``--num-workers``: the loaders' own parser (the one a YAML recipe's value goes through)."""
+    try:
+        return parse_num_workers(text)
+    except ConfigError as exc:  # argparse prints it as its one-line usage error
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _experiences(text: str) -> int | str:
+    if text == "by-domain":
         return text
     try:
         value = int(text)
     except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected auto or an integer >= 0, got {text!r}")
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or by-domain, got {text!r}")
     return value
 
 
@@ -76,13 +88,9 @@ def strategy_help() -> dict[str, str]:
     return {name: spec.summary for name, spec in registry.STRATEGIES.items()}
 
 
-# One line per choice, shown in `run --help`. Kept here, not imported from the modules that
-# implement them, so that --help imports neither torch nor Avalanche; tests check that the
-# names agree with benchmarks.BENCHMARKS.
+# One line per choice, shown in `run --help` (cl_hres.data.benchmarks imports no torch).
 BENCHMARK_HELP: dict[str, str] = {
-    "split-digits": "scikit-learn's 8x8 digits, 5 experiences of 2 classes (offline)",
-    "split-cifar100": "CIFAR-100 via torchvision into --data-root, 10 experiences of 10",
-    "imagenet-r": "ImageNet-R from --data-root/imagenet-r/, 10 experiences of 20",
+    **{name: spec.description for name, spec in BENCHMARKS.items()},
     "FILE.npz": "x_train, y_train, x_test, y_test; images N×H×W or N×H×W×C (docs/data.md)",
     "DIRECTORY": "an ImageFolder (one sub-folder per class, or train/ and test/)",
 }
@@ -118,7 +126,10 @@ _GROUPS: list[tuple[str, str, list[tuple[str, str, Any]]]] = [
         [
             ("--benchmark", "benchmark", str),
             ("--scenario", "scenario", str),
-            ("--experiences", "experiences", int),
+            ("--experiences", "experiences", _experiences),
+            ("--class-order", "class_order", str),
+            ("--initial-classes", "initial_classes", int),
+            ("--increment", "increment", int),
             ("--data-root", "data_root", str),
             ("--img-size", "img_size", int),
             ("--augment", "augment", str),
@@ -171,6 +182,7 @@ _GROUPS: list[tuple[str, str, list[tuple[str, str, Any]]]] = [
             ("--head", "head", str),
             ("--ridge", "ridge", _ridge),
             ("--ridge-projection", "ridge_projection", int),
+            ("--balanced-head", "balanced_head", None),
             ("--drift-compensation", "drift_compensation", None),
             ("--concat-pretrained", "concat_pretrained", None),
             ("--fwt-reference", "fwt_reference", None),
@@ -196,6 +208,10 @@ _RUN_FIELDS = [dest for _, _, options in _GROUPS for _, dest, _ in options]
 # What a None default means, for the help text.
 _NONE_DEFAULTS = {
     "experiences": "the benchmark's (5 for split-digits, min(5, classes) for files)",
+    "initial_classes": "an equal split into --experiences",
+    "increment": "--initial-classes",
+    "head": "the strategy's: ncm for simplecil, else ridge",
+    "ridge_projection": "the strategy's: 2000 for ranpac, else 0",
     "img_size": "the backbone's",
     "weights": "none",
     "blocks": "all",

@@ -40,31 +40,36 @@ __all__ = ["analyze_run", "attention_statistics", "collapse_ratio", "load_traine
 
 @contextmanager
 def _capture_attention(backbone: nn.Module, prefix_tokens: int):
-    """Records per Attention module: mean entropy of the query-0 row, and sequence length."""
+    """Records per Attention module: mean entropy of the query-0 row, and sequence length.
+
+    Reads timm's own attention probabilities instead of recomputing them: timm's unfused
+    path applies ``attn_drop`` to the softmaxed ``q·kᵀ``, so a forward hook there sees
+    them (as the hook's input, before any dropout). The fused kernel never forms them,
+    so ``fused_attn`` is off within the block and restored on exit.
+    """
     records: list[dict[str, float]] = []
     handles = []
+    fused: list[tuple[Attention, bool]] = []
 
-    def hook(module: Attention, args: tuple) -> None:
-        x = args[0]
-        b, n, _ = x.shape
-        qkv = (
-            module.qkv(x).reshape(b, n, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4)
-        )
-        q, k = module.q_norm(qkv[0]), module.k_norm(qkv[1])
-        probs = ((q * module.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, N)
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        probs = args[0]  # (B, H, N, N), each row sums to 1
         # The cls token's query row when there is one, else the mean over query rows.
         rows = probs[:, :, 0] if prefix_tokens else probs.mean(dim=2)
         entropy = -(rows * rows.clamp_min(1e-30).log()).sum(-1)
-        records.append({"entropy": float(entropy.mean()), "sequence_length": n})
+        records.append({"entropy": float(entropy.mean()), "sequence_length": probs.shape[-1]})
 
-    for m in backbone.modules():
-        if isinstance(m, Attention):
-            handles.append(m.register_forward_pre_hook(hook))
     try:
+        for m in backbone.modules():
+            if isinstance(m, Attention):
+                fused.append((m, m.fused_attn))
+                m.fused_attn = False
+                handles.append(m.attn_drop.register_forward_hook(hook))
         yield records
     finally:
         for h in handles:
             h.remove()
+        for m, was_fused in fused:
+            m.fused_attn = was_fused
 
 
 @torch.no_grad()

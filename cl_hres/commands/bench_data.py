@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
-from cl_hres.data.batch_transforms import BatchTransform
-from cl_hres.data.loaders import resolve_loader_settings
+from cl_hres.data.loaders import loader_kwargs, resolve_loader_settings
 from cl_hres.data.transforms import build_transforms
 
 __all__ = ["data_figures"]
@@ -28,13 +27,23 @@ _JPEG_SIZE = (500, 375)  # a typical ImageNet-R photo
 _WARMUP = 2
 
 
-class _PILImages:
-    """In-memory PIL images with a per-image transform (how torchvision's CIFAR loads)."""
+class _PerImage:
+    """In-memory images with a per-image transform, as a run's in-memory data loads.
 
-    def __init__(self, images: torch.Tensor, transform: Any) -> None:
-        from PIL import Image
+    Args:
+        images: ``(N, C, H, W)`` uint8 images.
+        kind: ``pil`` (kept as PIL images, as torchvision's CIFAR holds them) or
+            ``tensor`` (float ``(C, H, W)`` in ``[0, 1]``, as ``.npz`` arrays are held).
+        transform: The per-image training transform of that kind.
+    """
 
-        self.images = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images]
+    def __init__(self, images: torch.Tensor, kind: str, transform: Any) -> None:
+        if kind == "pil":
+            from PIL import Image
+
+            self.images = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images]
+        else:
+            self.images = list(images.float().div(255).unbind(0))
         self.transform = transform
 
     def __len__(self) -> int:
@@ -60,7 +69,7 @@ def _write_jpegs(root: Path, count: int, generator: torch.Generator) -> None:
         Image.fromarray(array).save(folder / f"{i:05d}.jpg", quality=90)
 
 
-def _rate(loader: DataLoader, device: torch.device, batch_fn: Any, batches: int) -> float:
+def _rate(loader: DataLoader, device: torch.device, batches: int) -> float:
     """Images/s of ``batches`` batches after the warm-up ones, delivered on ``device``."""
     seen, t0 = 0, None
     for i, (x, _) in enumerate(loader):
@@ -68,7 +77,7 @@ def _rate(loader: DataLoader, device: torch.device, batch_fn: Any, batches: int)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0, seen = time.perf_counter(), 0
-        x = batch_fn(x.to(device, non_blocking=True))
+        x = x.to(device, non_blocking=True)
         seen += len(x)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -89,7 +98,7 @@ def data_figures(
     Args:
         img_size: The model's input size (images are resized / cropped to it).
         batch_size: Images per batch (the training batch of the bench).
-        device: Where batches are delivered (and the batched transform runs).
+        device: Where batches are delivered.
         train_images_per_s: The model's training rate at this batch, for the ratios.
         batches: Timed batches per pipeline.
     """
@@ -105,7 +114,7 @@ def data_figures(
     }
     images = torch.randint(0, 256, (count, 3, _SOURCE_SIZE, _SOURCE_SIZE), generator=g)
     images = images.to(torch.uint8)
-    labels = torch.zeros(count, dtype=torch.long)
+    tensor_train_tf = build_transforms(data_cfg, kind="tensor", augment="crop-flip")[0]
     pil_train_tf = build_transforms(data_cfg, kind="pil", augment="crop-flip")[0]
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="cl-hres-bench-") as tmp:
@@ -113,21 +122,18 @@ def data_figures(
         from torchvision.datasets import ImageFolder
 
         pipelines = {
-            "in_memory": (
-                TensorDataset(images, labels),
-                "tensor",
-                BatchTransform(data_cfg, "crop-flip"),
-            ),
-            "in_memory_pil": (_PILImages(images, pil_train_tf), "pil", None),
-            "file": (ImageFolder(tmp, transform=pil_train_tf), "pil", None),
+            "in_memory": (_PerImage(images, "tensor", tensor_train_tf), "tensor"),
+            "in_memory_pil": (_PerImage(images, "pil", pil_train_tf), "pil"),
+            "file": (ImageFolder(tmp, transform=pil_train_tf), "pil"),
         }
-        for name, (dataset, kind, batch_tf) in pipelines.items():
+        for name, (dataset, kind) in pipelines.items():
             settings = resolve_loader_settings("auto", device=str(device), kind=kind)
-            loader = DataLoader(
-                dataset, batch_size=batch_size, shuffle=True, **settings.dataloader_kwargs()
+            kwargs = loader_kwargs(
+                device, settings.num_workers, settings.pin_memory, settings.persistent_workers
             )
+            loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, **kwargs)
             with torch.no_grad():
-                rate = _rate(loader, device, batch_tf or (lambda x: x), batches)
+                rate = _rate(loader, device, batches)
             results[name] = {
                 "images_per_s": rate,
                 "ratio_to_train": rate / train_images_per_s,

@@ -8,7 +8,13 @@ from typing import Any
 
 from cl_hres import distributed
 from cl_hres.errors import ConfigError
-from cl_hres.reporting.tables import aggregate, markdown_table
+from cl_hres.reporting.tables import (
+    aggregate,
+    experience_labels,
+    final_per_experience,
+    markdown_table,
+    per_experience_table,
+)
 from cl_hres.run.config import RunConfig
 from cl_hres.run.prepare import check_output_dir, prepare
 from cl_hres.run.runner import execute, join_process_group
@@ -27,9 +33,6 @@ def compare(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Runs every strategy × seed into ``out/<strategy>/seed<k>`` and writes the comparison."""
-    from cl_hres.fileio import atomic_write_text
-    from cl_hres.reporting.plots import plot_comparison
-
     join_process_group(base)
     configs = {}
     for name in strategies:
@@ -69,26 +72,43 @@ def compare(
                 reference_cache=out,  # runs of one method family share FWT references
             )
         )
+    return _write_comparison(out, runs, seeds, first)
+
+
+def _write_comparison(
+    out: Path, runs: dict[str, list[dict[str, Any]]], seeds: list[int], first: RunConfig
+) -> dict[str, Any]:
+    """``comparison.json/.md/.png`` and the per-experience figure (rank 0 writes)."""
+    from cl_hres.fileio import atomic_write_text
+    from cl_hres.reporting.plots import plot_comparison, plot_final_per_experience
+
     agg = aggregate(runs)
+    per = final_per_experience(runs)
+    labels = experience_labels(next(iter(runs.values()))[0])
     summary = {
         "benchmark": first.benchmark,
         "scenario": first.scenario,
         "experiences": first.experiences,
+        "experience_labels": labels,
         "seeds": seeds,
-        "head": first.head,
+        "heads": {name: results[0]["config"]["head"] for name, results in runs.items()},
         "strategies": agg,
+        "final_per_experience": per,
     }
     if distributed.rank() != 0:
         return summary
     atomic_write_text(out / "comparison.json", json.dumps(summary, indent=1))
-    table = markdown_table(agg)
     header = (
-        f"{first.benchmark}, {first.scenario}-incremental, {first.experiences} experiences, "
-        f"head {first.head}, seeds {','.join(map(str, seeds))}, evaluated on the "
+        f"{first.benchmark}, {first.scenario}-incremental, {len(labels)} experiences, "
+        f"seeds {','.join(map(str, seeds))}, evaluated on the "
         f"{'validation' if first.validation else 'test'} split\n\n"
     )
-    atomic_write_text(out / "comparison.md", header + table)
-    plot_comparison(
-        runs, out / "comparison.png", f"{first.benchmark} ({first.scenario}-incremental)"
+    per_table = per_experience_table(per, labels)
+    atomic_write_text(
+        out / "comparison.md",
+        header + markdown_table(agg) + "\nFinal accuracy per experience (%):\n\n" + per_table,
     )
+    title = f"{first.benchmark} ({first.scenario}-incremental)"
+    plot_comparison(runs, out / "comparison.png", title)
+    plot_final_per_experience(per, labels, out / "comparison_per_experience.png", title)
     return summary

@@ -24,7 +24,7 @@ __all__ = ["BENCHMARKS", "BenchmarkSpec", "load_benchmark_data"]
 class BenchmarkSpec:
     """Defaults of a named benchmark (the published protocol where there is one)."""
 
-    experiences: int
+    experiences: int | str
     description: str
 
 
@@ -33,6 +33,11 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
     "split-cifar100": BenchmarkSpec(10, "CIFAR-100 (torchvision), 10 experiences of 10"),
     "imagenet-r": BenchmarkSpec(
         10, "ImageNet-R from --data-root, 10 experiences of 20 (train/ + test/ split if given)"
+    ),
+    "split-domains": BenchmarkSpec(
+        "by-domain",
+        "6 domains of 10 classes (digits, fashion, Latin/Greek/Cyrillic/Hebrew glyphs), "
+        "built offline into --data-root (docs/streams.md)",
     ),
 }
 
@@ -55,10 +60,14 @@ def load_benchmark_data(
     """
     from cl_hres.data.datasets import load_cifar100, load_digits_data, load_image_folder, load_npz
 
-    if validation and name not in ("split-digits",) and not name.endswith(".npz"):
-        raise ConfigError("--validation is supported for split-digits and .npz data")
+    if validation and name not in ("split-digits", "split-domains") and not name.endswith(".npz"):
+        raise ConfigError("--validation is supported for split-digits, split-domains and .npz data")
     if name == "split-digits":
         return load_digits_data(validation=validation, seed=seed)
+    if name == "split-domains":
+        from cl_hres.data.domains import load_split_domains
+
+        return load_split_domains(data_root, validation=validation, seed=seed)
     if name == "split-cifar100":
         return load_cifar100(data_root)
     if name == "imagenet-r":

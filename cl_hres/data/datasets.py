@@ -46,6 +46,8 @@ class SplitData:
         channels: 1 (grey) or 3 (RGB): the backbone's patch embedding is adapted to it.
         kind: ``tensor`` (float tensors in ``[0, 1]``) or ``pil`` (PIL images).
         augment: The ``auto`` augmentation policy of this data (see cl_hres.data.transforms).
+        domain_of_class: The domain of each class (``--experiences by-domain``), or None.
+        domain_names: A name per domain id, or None.
     """
 
     train: Any
@@ -56,6 +58,8 @@ class SplitData:
     name: str
     kind: str = "tensor"
     augment: str = "none"
+    domain_of_class: list[int] | None = None
+    domain_names: list[str] | None = None
 
 
 def _unit_range(train: np.ndarray, test: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,47 +193,136 @@ def load_npz(path: str | Path, validation: float = 0.0, seed: int = 0) -> SplitD
     h, w = tr.shape[2:]
     if h != w:
         raise DataError(f"{path}: images are {h}×{w}; cl-hres needs square images")
+    num_classes = int(y_tr.max()) + 1
+    domains, names = _domains(arrays, num_classes, str(path))
     return SplitData(
         TensorImageDataset(tr, torch.from_numpy(y_tr)),
         TensorImageDataset(te, torch.from_numpy(y_te)),
-        num_classes=int(y_tr.max()) + 1,
+        num_classes=num_classes,
         image_size=h,
         channels=tr.shape[1],
         name=path.name,
+        domain_of_class=domains,
+        domain_names=names,
     )
 
 
+def _domains(
+    arrays: dict[str, np.ndarray], num_classes: int, source: str
+) -> tuple[list[int] | None, list[str] | None]:
+    """The optional ``domain_of_class`` (ids 0..D-1) and ``domain_names`` arrays, checked."""
+    if "domain_of_class" not in arrays:
+        if "domain_names" in arrays:
+            raise DataError(f"{source}: domain_names given without domain_of_class")
+        return None, None
+    d = arrays["domain_of_class"]
+    if d.ndim != 1 or len(d) != num_classes or not np.issubdtype(d.dtype, np.integer):
+        raise DataError(
+            f"{source}: domain_of_class must be {num_classes} integers (one per class), "
+            f"got shape {d.shape} of {d.dtype}"
+        )
+    ids = sorted(set(d.tolist()))
+    if ids != list(range(len(ids))):
+        raise DataError(f"{source}: domain_of_class must use the ids 0..D-1, got {ids[:8]}")
+    names = None
+    if "domain_names" in arrays:
+        n = arrays["domain_names"]
+        if n.ndim != 1 or len(n) != len(ids) or n.dtype.kind != "U":
+            raise DataError(f"{source}: domain_names must be {len(ids)} strings (one per domain)")
+        names = [str(v) for v in n]
+    return [int(v) for v in d], names
+
+
 _CIFAR_FILES = ("train", "test", "meta")
+# Test hook: md5 per CIFAR-100 file accepted instead of torchvision's (None: torchvision's,
+# the official files'). Tests set it to their small fake files' checksums, so that the
+# verification below runs on every load.
+_CIFAR_MD5: dict[str, str] | None = None
+
+
+def _cifar_md5() -> dict[str, str]:
+    """The md5 of each CIFAR-100 file that is accepted: torchvision's, or the test hook's."""
+    if _CIFAR_MD5 is not None:
+        return dict(_CIFAR_MD5)
+    from torchvision.datasets import CIFAR100
+
+    table = dict(CIFAR100.train_list + CIFAR100.test_list)
+    table[CIFAR100.meta["filename"]] = CIFAR100.meta["md5"]
+    return table
+
+
+def _verify_cifar(folder: Path) -> None:
+    """Refuses (DataError) any of the three files whose md5 is not the expected one.
+
+    The files are unpickled, and unpickling runs whatever code a file names: only the
+    official files (by checksum) may be opened.
+    """
+    from torchvision.datasets.utils import check_md5
+
+    expected = _cifar_md5()
+    for name in _CIFAR_FILES:
+        path = folder / name
+        if not path.is_file():  # an archive without it
+            raise DataError(f"{path}: missing from CIFAR-100's files")
+        if not check_md5(str(path), expected[name]):
+            raise DataError(
+                f"{path}: md5 checksum does not match the official CIFAR-100 file; the files "
+                "are unpickled, so only the official ones are accepted (delete cifar-100-python/ "
+                "to download them again)"
+            )
 
 
 def load_cifar100(root: str | Path, download: bool = True) -> SplitData:
     """CIFAR-100 in torchvision's layout (``root/cifar-100-python/{train,test,meta}``).
 
-    Files already there are used as they are (no checksum: a copy made elsewhere, or a
-    small one written by a test, loads the same way); otherwise torchvision downloads them.
+    Missing files are downloaded by torchvision (which checks the archive's md5). Every
+    load then checks the md5 of the three files against torchvision's table before
+    unpickling them, so a file that is not the official one is refused, never opened.
+
+    Args:
+        root: The folder holding ``cifar-100-python/`` (or to download it into).
+        download: Whether to download missing files.
+
+    Raises:
+        DataError: The files are missing and cannot be downloaded, a checksum does not
+            match, or a file cannot be read.
     """
     from torchvision.datasets import CIFAR100
+    from torchvision.datasets.utils import download_and_extract_archive
 
-    class _Present(CIFAR100):
+    class _Verified(CIFAR100):
+        """torchvision's CIFAR-100 reading files whose md5 :func:`_verify_cifar` checked."""
+
+        # Checked once, above, against the accepted table (torchvision would hash each
+        # ~150 MB file again, and would refuse the test hook's files).
         meta = dict(CIFAR100.meta, md5=None)
 
-        def _check_integrity(self) -> bool:  # the files exist; unpickling checks the rest
-            return all((Path(self.root) / self.base_folder / f).is_file() for f in _CIFAR_FILES)
+        def _check_integrity(self) -> bool:
+            return True
 
-    folder = Path(root) / "cifar-100-python"
-    present = all((folder / f).is_file() for f in _CIFAR_FILES)
+    folder = Path(root) / CIFAR100.base_folder
+    if not all((folder / f).is_file() for f in _CIFAR_FILES):
+        if not download:
+            raise DataError(
+                f"CIFAR-100 not found under {root}; put cifar-100-python/ (or its .tar.gz) "
+                "there and pass --data-root DIR"
+            )
+        try:
+            download_and_extract_archive(
+                CIFAR100.url, str(root), filename=CIFAR100.filename, md5=CIFAR100.tgz_md5
+            )
+        except Exception as exc:  # torchvision raises URLError/RuntimeError/OSError offline
+            raise DataError(
+                f"CIFAR-100 not found under {root} and could not be downloaded "
+                f"({type(exc).__name__}); put cifar-100-python/ (or its .tar.gz) there and pass "
+                "--data-root DIR"
+            ) from None
+    _verify_cifar(folder)
     try:
-        cls = _Present if present else CIFAR100
-        train = cls(str(root), train=True, download=download and not present)
-        test = cls(str(root), train=False, download=download and not present)
-    except Exception as exc:  # torchvision raises URLError/RuntimeError/OSError offline
-        if present:
-            raise DataError(f"{folder}: not readable as CIFAR-100 ({type(exc).__name__})") from None
-        raise DataError(
-            f"CIFAR-100 not found under {root} and could not be downloaded "
-            f"({type(exc).__name__}); put cifar-100-python/ (or its .tar.gz) there and pass "
-            "--data-root DIR"
-        ) from None
+        train = _Verified(str(root), train=True)
+        test = _Verified(str(root), train=False)
+    except Exception as exc:  # a verified file that still does not load (test hook only)
+        raise DataError(f"{folder}: not readable as CIFAR-100 ({type(exc).__name__})") from None
     return SplitData(train, test, 100, 32, 3, "split-cifar100", kind="pil", augment="crop-flip")
 
 

@@ -5,14 +5,14 @@ One rule decides, from the device, the kind of data and the cores this process m
 * **In-memory tensors** (``split-digits``, ``.npz`` arrays) cost almost nothing per image
   once their deterministic transform is precomputed (:mod:`cl_hres.data.batch_transforms`), so
   on the CPU ``auto`` gives them no workers: a worker would take a core from the model
-  and add inter-process copies (measured on the default run, README "Costs").
+  and add inter-process copies (measured on the default run, docs/costs.md).
 * **PIL data** (CIFAR, image folders) decodes, resizes and augments every image in
   Python: ``auto`` gives it workers, all cores but one on a GPU machine (the GPU trains;
   the CPU feeds it) and one on the CPU (decoding overlaps the step of the model).
 * **Threads**: the main process keeps the cores the workers leave (``cores - workers``,
   at least 1); each worker runs one thread (torch's own worker default). Together they
   never ask for more threads than cores: on a shared machine, OpenMP threads spinning
-  for a busy core made one default run 30× slower (issue 13).
+  for a busy core made one default run 30× slower (measured, docs/costs.md).
 
 Workers keep running across the epochs of an experience (``persistent_workers``),
 CUDA runs copy from pinned memory (``pin_memory``, with Avalanche's ``non_blocking``
@@ -64,18 +64,11 @@ class LoaderSettings:
     persistent_workers: bool
     threads: int
 
-    def dataloader_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``torch.utils.data.DataLoader``."""
-        kwargs: dict[str, Any] = {
-            "num_workers": self.num_workers,
-            "pin_memory": self.pin_memory,
-        }
-        if self.num_workers > 0:
-            kwargs.update(persistent_workers=self.persistent_workers, worker_init_fn=init_worker)
-        return kwargs
-
     def strategy_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for an Avalanche strategy's ``train`` / ``eval`` calls."""
+        """Keyword arguments for an Avalanche strategy's ``train`` / ``eval`` calls.
+
+        The strategy turns them into DataLoader arguments with :func:`loader_kwargs`.
+        """
         return {
             "num_workers": self.num_workers,
             "pin_memory": self.pin_memory,
@@ -83,6 +76,7 @@ class LoaderSettings:
         }
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as recorded in results.json."""
         return asdict(self)
 
 
@@ -92,13 +86,8 @@ def one_pass_kwargs(loader: Any) -> dict[str, Any]:
     Workers and pinning as the training loader has them; no persistence (one pass).
     """
     workers = int(getattr(loader, "num_workers", 0) or 0)
-    kwargs: dict[str, Any] = {
-        "num_workers": workers,
-        "pin_memory": bool(getattr(loader, "pin_memory", False)),
-    }
-    if workers > 0:
-        kwargs["worker_init_fn"] = init_worker
-    return kwargs
+    pin = bool(getattr(loader, "pin_memory", False))
+    return loader_kwargs(None, workers, pin, persistent=False)
 
 
 def available_cores() -> int:
@@ -198,14 +187,27 @@ class WorkerSafeDataset:
 
 
 def loader_kwargs(
-    device: torch.device | str, num_workers: int, pin_memory: bool | None, persistent: bool
+    device: torch.device | str | None, num_workers: int, pin_memory: bool | None, persistent: bool
 ) -> dict[str, Any]:
-    """DataLoader arguments from a strategy's ``train`` / ``eval`` keyword arguments."""
-    import torch
+    """``torch.utils.data.DataLoader`` arguments: workers, pinning and worker set-up.
 
-    # Pinning needs a GPU (torch warns on a CPU-only machine); Avalanche's default.
-    pin = torch.device(device).type == "cuda" if pin_memory is None else pin_memory
-    kwargs: dict[str, Any] = {"num_workers": num_workers, "pin_memory": pin}
+    The one place that builds them (strategies' loaders, one-pass loaders, the bench), so
+    every worker runs :func:`init_worker`.
+
+    Args:
+        device: Where batches go; decides ``pin_memory`` when that is None.
+        num_workers: Worker processes (0: load in the main process).
+        pin_memory: Page-locked batches; None: only for a CUDA ``device``.
+        persistent: Keep the workers across the loader's passes (with workers only).
+    """
+    if pin_memory is None:
+        import torch
+
+        if device is None:
+            raise ValueError("loader_kwargs needs a device to choose pin_memory")
+        # Pinning needs a GPU (torch warns on a CPU-only machine); Avalanche's default.
+        pin_memory = torch.device(device).type == "cuda"
+    kwargs: dict[str, Any] = {"num_workers": num_workers, "pin_memory": pin_memory}
     if num_workers > 0:
         kwargs.update(persistent_workers=persistent, worker_init_fn=init_worker)
     return kwargs

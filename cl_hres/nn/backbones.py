@@ -291,6 +291,18 @@ def _weights_overlay(name: str, base: str, weights: str | Path | None) -> dict |
     return {"file": cached}
 
 
+def _known_model(name: str) -> str:
+    """The architecture part of ``name``; ConfigError (with a close match) if timm lacks it."""
+    import timm
+
+    base = name.split(".")[0]
+    if base not in timm.list_models():
+        close = difflib.get_close_matches(base, timm.list_models("vit_*"), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown timm backbone {name!r}{hint}")
+    return base
+
+
 def create_backbone(
     name: str,
     *,
@@ -321,11 +333,7 @@ def create_backbone(
     from timm.models.vision_transformer import VisionTransformer
 
     register_shipped_backbone()
-    base = name.split(".")[0]
-    if base not in timm.list_models():
-        close = difflib.get_close_matches(base, timm.list_models("vit_*"), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"unknown timm backbone {name!r}{hint}")
+    base = _known_model(name)
     kwargs: dict[str, Any] = dict(overrides, num_classes=0, drop_rate=0.0, drop_path_rate=0.0)
     if img_size is not None:
         kwargs["img_size"] = img_size

@@ -7,11 +7,14 @@ fails when the config is built, before any model or data is touched.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
+from cl_hres import registry
 from cl_hres.checks import check_finite_positive, check_positive_int
 from cl_hres.errors import ConfigError
 
 __all__ = [
+    "check_model_arguments",
     "HEAD_CHOICES",
     "HResConfig",
     "LoRAConfig",
@@ -104,3 +107,23 @@ class VPTConfig:
         check_positive_int("vpt length", self.length)
         if not isinstance(self.deep, bool):
             raise ConfigError(f"vpt deep must be true or false, got {self.deep!r}")
+
+
+def check_model_arguments(
+    method: str, head: str, concat_pretrained: bool, adapt_experiences: int | None
+) -> Any:
+    """The method's registry entry; ConfigError for arguments that do not fit it."""
+    if method not in registry.METHODS:
+        raise ConfigError(
+            f"unknown method {method!r}; choose from {', '.join(sorted(registry.METHODS))}"
+        )
+    spec = registry.METHODS[method]
+    if head not in HEAD_CHOICES:
+        raise ConfigError(f"unknown head {head!r}; choose from {', '.join(HEAD_CHOICES)}")
+    if concat_pretrained and not spec.switchable:
+        raise ConfigError(
+            f"concat_pretrained needs a method that can be switched off, not {method}"
+        )
+    if adapt_experiences is not None and adapt_experiences < 1:
+        raise ConfigError(f"adapt_experiences must be >= 1, got {adapt_experiences}")
+    return spec

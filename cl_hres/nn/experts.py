@@ -69,6 +69,9 @@ class ExpertBank(Adapter, nn.Module):
         # Switched off by ContinualViT.experts_disabled() to read the pretrained features
         # (APER's concatenation); a plain attribute (Adapter): never part of the state.
         self.enabled = True
+        # The name of the one expert to run, or None for all (cl_hres.nn.views reads one
+        # expert's feature space at a time); a plain attribute too.
+        self.only: str | None = None
         # An empty bank has no parameter to read its device or dtype from: this zero-size
         # buffer follows every .to() / .bfloat16() of the model, so placement() (and with
         # it add_expert and the null-space state) finds the wrapped layer's.
@@ -154,13 +157,19 @@ class ExpertBank(Adapter, nn.Module):
         """Returns the experts' contribution, or ``None`` while empty or disabled."""
         if not (self.down and self.enabled):
             return None
-        w_down, w_up = self.fused_weights()
+        if self.only is not None:
+            if self.only not in self.down:
+                return None
+            w_down, w_up = self.down[self.only].weight, self.up[self.only].weight
+        else:
+            w_down, w_up = self.fused_weights()
         h = F.linear(x, w_down)
         if self.activation == "gelu":
             h = F.gelu(h)
         return F.linear(h, w_up) * self.scale
 
     def extra_repr(self) -> str:
+        """The bank's sizes and expert count, for ``print(model)``."""
         return (
             f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
             f"scale={self.scale}, act={self.activation}, experts={self.num_experts}"
@@ -190,6 +199,7 @@ class ParallelBlock(nn.Module):
         self.read_norm = read_norm
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The wrapped block's output plus the experts' contribution."""
         read = self.base_layer.norm1(x) if self.read_norm else x
         return _add_delta(self.base_layer(x, *args, **kwargs), self.bank(read))
 
@@ -204,12 +214,15 @@ class LoRALinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
+        """The wrapped layer's weight (read by timm's fused attention)."""
         # timm's fused attention reads ``qkv.weight`` in a few code paths; expose it.
         return self.base_layer.weight
 
     @property
     def bias(self) -> torch.Tensor | None:
+        """The wrapped layer's bias."""
         return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The wrapped linear layer's output plus the low-rank experts'."""
         return _add_delta(self.base_layer(x), self.bank(x))

@@ -29,6 +29,7 @@ class StatisticsHead(nn.Module):
 
     @property
     def num_classes(self) -> int:
+        """Classes the statistics cover so far."""
         return self.class_sums.shape[0]
 
     def _grow(self, num_classes: int) -> None:
@@ -51,19 +52,31 @@ class StatisticsHead(nn.Module):
         return {"class_sums": self.class_sums, "class_counts": self.class_counts}
 
     @torch.no_grad()
-    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        """Adds a batch of features ``(B, D)`` with integer labels ``(B,)``."""
+    def update(
+        self, features: torch.Tensor, labels: torch.Tensor, class_counts: torch.Tensor | None = None
+    ) -> None:
+        """Adds a batch of features ``(B, D)`` with integer labels ``(B,)``.
+
+        Args:
+            features: The features.
+            labels: Their classes.
+            class_counts: Images per class of the whole experience this batch belongs to
+                (all processes together); read by heads that balance classes.
+        """
         if labels.numel() == 0:
             return
         self._grow(int(labels.max().item()) + 1)
-        f = features.double()
-        self.class_sums.index_add_(0, labels, f)
-        self.class_counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+        self._add(features.double(), labels, torch.ones_like(labels, dtype=torch.float64))
+
+    def _add(self, f: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> None:
+        self.class_sums.index_add_(0, labels, f * weights.unsqueeze(1))
+        self.class_counts.index_add_(0, labels, weights)
 
     def fit(self) -> None:
         """Recomputes the classifier from the statistics (after a round of updates)."""
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """Logits ``(B, C)`` of the features."""
         raise NotImplementedError
 
 
@@ -71,6 +84,7 @@ class NCMHead(StatisticsHead):
     """Cosine similarity to each class mean; classes never seen score -inf."""
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity to every class mean; classes never seen score -inf."""
         means = self.class_sums / self.class_counts.clamp_min(1).unsqueeze(1)
         means = nn.functional.normalize(means.to(features.dtype), dim=1)
         logits = nn.functional.normalize(features, dim=1) @ means.T
@@ -92,14 +106,28 @@ class RidgeHead(StatisticsHead):
             cross-validation (GCV) over 1e-8 … 1e1, computed from the statistics alone.
         projection: Width M of the random ReLU projection; 0 disables it.
         seed: Seed of the projection.
+        balanced: Weight every class as if it had the same number of images, ``m``: an
+            image of a class with ``n_c`` images counts ``m / n_c`` in the Gram matrix,
+            the class sums and the counts (so the bias's prior is uniform too). ``m`` is
+            the mean class size of the first experience, fixed from then on, so the
+            GCV's sample count stays the right order. Without it, a class of a small
+            experience holds a small share of ``G`` and its scores shrink (RanPAC and
+            the ridge heads of the field weight by images).
     """
 
     def __init__(
-        self, num_features: int, ridge: float | None = None, projection: int = 0, seed: int = 0
+        self,
+        num_features: int,
+        ridge: float | None = None,
+        projection: int = 0,
+        seed: int = 0,
+        balanced: bool = False,
     ) -> None:
         width = projection or num_features
         super().__init__(width)
         self.ridge = ridge
+        self.balanced = balanced
+        self.register_buffer("balance_count", torch.zeros((), dtype=torch.float64))
         self.input_features = num_features
         if projection:
             gen = torch.Generator().manual_seed(seed)
@@ -117,21 +145,34 @@ class RidgeHead(StatisticsHead):
         return torch.relu(features @ self.projection.to(features.dtype).T)
 
     def statistics(self) -> dict[str, torch.Tensor]:
+        """The class statistics and the Gram matrix (summed across processes)."""
         return dict(super().statistics(), gram=self.gram)
 
     @torch.no_grad()
-    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+    def update(
+        self, features: torch.Tensor, labels: torch.Tensor, class_counts: torch.Tensor | None = None
+    ) -> None:
+        """Adds a batch to the class sums and the Gram matrix (see the base class)."""
         if labels.numel() == 0:
             return
-        features = self._lift(features)
-        super().update(features, labels)
-        f = features.double()
-        self.gram += f.T @ f
+        self._grow(int(labels.max().item()) + 1)
+        f = self._lift(features).double()
+        weights = torch.ones_like(labels, dtype=torch.float64)
+        if self.balanced:
+            if class_counts is None:
+                class_counts = torch.bincount(labels, minlength=self.num_classes)
+            counts = class_counts.to(f.device, torch.float64)
+            if self.balance_count == 0:
+                self.balance_count.fill_(counts[counts > 0].mean())
+            weights = self.balance_count / counts[labels]
+        self._add(f, labels, weights)
+        self.gram += (f * weights.unsqueeze(1)).T @ f
 
     GRID = tuple(10.0**k for k in range(-8, 2))
 
     @torch.no_grad()
     def fit(self) -> None:
+        """Solves the ridge classifier from the statistics (λ by GCV unless fixed)."""
         d = self.num_features
         # Centre with the global mean and add a bias, so features with a large common
         # offset do not dominate the ridge penalty.
@@ -166,6 +207,7 @@ class RidgeHead(StatisticsHead):
         self.bias = (prior - mean @ w).float()
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Ridge logits; classes never seen score -inf."""
         features = self._lift(features)
         logits = features @ self.weight.to(features.dtype).T + self.bias.to(features.dtype)
         return logits.masked_fill(self.class_counts == 0, float("-inf"))

@@ -20,7 +20,7 @@ from cl_hres import distributed, registry
 from cl_hres.errors import ConfigError
 from cl_hres.nn.adapters import check_vit
 from cl_hres.nn.base import adapters, evaluating, placement
-from cl_hres.nn.config import HEAD_CHOICES
+from cl_hres.nn.config import check_model_arguments
 from cl_hres.nn.experts import ExpertBank
 from cl_hres.nn.heads import NCMHead, RidgeHead, StatisticsHead
 
@@ -42,6 +42,8 @@ class ContinualViT(nn.Module):
         head: Evaluation head: ``linear`` (the trained linear head), ``ncm`` or ``ridge``.
         ridge: Relative ridge penalty of the ``ridge`` head; None: chosen by GCV.
         ridge_projection: Width of the ridge head's random ReLU projection (0: none).
+        balanced_head: Weight every class equally in the ridge head's statistics
+            (:class:`~cl_hres.nn.heads.RidgeHead`).
         num_classes: Classes known up front (sizes the linear head, so an untrained model
             can be evaluated); the head still grows if more classes arrive.
         drift_compensation: Map the statistics heads' stored sums through the feature
@@ -65,19 +67,14 @@ class ContinualViT(nn.Module):
         head: str = "ridge",
         ridge: float | None = None,
         ridge_projection: int = 0,
+        balanced_head: bool = False,
         num_classes: int = 0,
         drift_compensation: bool = False,
         concat_pretrained: bool = False,
         adapt_experiences: int | None = None,
     ) -> None:
         super().__init__()
-        if method not in registry.METHODS:
-            raise ConfigError(
-                f"unknown method {method!r}; choose from {', '.join(sorted(registry.METHODS))}"
-            )
-        spec = registry.METHODS[method]
-        if head not in HEAD_CHOICES:
-            raise ConfigError(f"unknown head {head!r}; choose from {', '.join(HEAD_CHOICES)}")
+        spec = check_model_arguments(method, head, concat_pretrained, adapt_experiences)
         self.backbone = check_vit(backbone)
         self.method = method
         self.head_kind = head
@@ -89,12 +86,6 @@ class ContinualViT(nn.Module):
         self.method_config = method_config
         attach = registry.resolve(spec.attach)
         self.banks: list[ExpertBank] = list(attach(self.backbone, method_config)) if attach else []
-        if concat_pretrained and not spec.switchable:
-            raise ConfigError(
-                f"concat_pretrained needs a method that can be switched off, not {method}"
-            )
-        if adapt_experiences is not None and adapt_experiences < 1:
-            raise ConfigError(f"adapt_experiences must be >= 1, got {adapt_experiences}")
         self.concat_pretrained = concat_pretrained
         self.adapt_experiences = adapt_experiences
         width = self.backbone.num_features
@@ -103,7 +94,7 @@ class ContinualViT(nn.Module):
         # One statistics head per task label: a class-incremental stream has only task 0;
         # in a task-incremental stream each task's head sees only its own data, so it
         # never changes after its task (its features do not move under NSP).
-        self._head_args = {"ridge": ridge, "projection": ridge_projection}
+        self._head_args = dict(ridge=ridge, projection=ridge_projection, balanced=balanced_head)
         self.stats_heads = nn.ModuleDict()
         self.task_classes: dict[int, list[int]] = {}
         self.current_classes: list[int] = []
@@ -260,7 +251,10 @@ class ContinualViT(nn.Module):
             before[t] = {k: v.clone() for k, v in head.statistics().items()}
         for t, head in heads.items():
             rows = task == t
-            head.update(f[rows], y[rows])
+            # The experience's class sizes over every process, for heads that balance.
+            counts = torch.bincount(y[rows], minlength=head.num_classes).double()
+            distributed.all_reduce_(counts)
+            head.update(f[rows], y[rows], class_counts=counts)
         for t, head in heads.items():
             for k, v in head.statistics().items():
                 distributed.all_reduce_increment_(v, before[t][k])

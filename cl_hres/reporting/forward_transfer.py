@@ -85,10 +85,12 @@ class ReferenceCache:
             self.values = {}
 
     def get(self, key: str) -> float | None:
+        """The cached reference accuracy under ``key``, or None."""
         return self.values.get(key)
 
     def put(self, key: str, value: float) -> None:
-        from cl_hres.run.checkpoint import atomic_write_text
+        """Stores a reference accuracy and writes the cache file."""
+        from cl_hres.fileio import atomic_write_text
 
         self.values[key] = value
         if not self.write:

@@ -118,16 +118,19 @@ def summarise(
 ) -> dict[str, float | None]:
     """All metrics of a run.
 
-    ``fwt`` is None unless the stream is task-incremental and the head is ``linear``: a
-    statistics head (ridge, NCM) has no classifier for a task before that task's data
-    have been seen, so ``R[j-1][j]`` measures a missing head, not transfer.
+    ``fwt_lopez_paz`` is None unless the stream is task-incremental and the head is
+    ``linear``: a statistics head (ridge, NCM) has no classifier for a task before that
+    task's data have been seen, so ``R[j-1][j]`` measures a missing head, not transfer.
+    The forward transfer every table reports (``fwt`` of results.json) is the
+    reference-based one of :mod:`cl_hres.reporting.forward_transfer`, defined for every
+    head and scenario.
     """
     return {
         "final_average_accuracy": final_average_accuracy(r),
         "average_incremental_accuracy": average_incremental_accuracy(r),
         "forgetting": forgetting(r),
         "bwt": backward_transfer(r),
-        "fwt": _reported_fwt(r, baseline, scenario, head),
+        "fwt_lopez_paz": _reported_fwt(r, baseline, scenario, head),
     }
 
 
@@ -160,7 +163,7 @@ def experience_scalars(
     for name, value in (
         ("forgetting", forgetting(r)),
         ("bwt", backward_transfer(r)),
-        ("fwt", _reported_fwt(r, baseline, scenario, head)),
+        ("fwt_lopez_paz", _reported_fwt(r, baseline, scenario, head)),
     ):
         if value is not None:
             out[f"cl/{name}"] = value

@@ -111,3 +111,30 @@ def plot_comparison(runs: dict[str, list[dict[str, Any]]], path: Path, title: st
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return fig
+
+
+def plot_final_per_experience(
+    per: dict[str, list[dict[str, Any]]], labels: list[str], path: Path, title: str
+) -> Any:
+    """Grouped bars: every strategy's final accuracy on each experience (mean ± std).
+
+    Returns:
+        The matplotlib figure (saved to ``path`` and closed).
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(labels) * max(1, len(per)) / 3), 4.2))
+    width = 0.8 / max(1, len(per))
+    for k, (name, cells) in enumerate(per.items()):
+        xs = [i + (k - (len(per) - 1) / 2) * width for i in range(len(cells))]
+        means = [100 * (c["mean"] or 0.0) for c in cells]
+        errs = [100 * (c["std"] or 0.0) for c in cells]
+        ax.bar(xs, means, width, yerr=errs, label=name, capsize=2)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylabel("final accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return fig

@@ -19,12 +19,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cl_hres.errors import CheckpointError
-from cl_hres.fileio import atomic_write_text  # re-exported: it lived here before fileio
 from cl_hres.nn.model import ContinualViT
 from cl_hres.run.config import RESUMABLE_KEYS, changed_on_resume
 
 __all__ = [
-    "atomic_write_text",
     "capture_rng",
     "latest_checkpoint",
     "load_checkpoint",

@@ -91,6 +91,7 @@ def make_strategy(
         head=cfg.head,
         ridge=cfg.ridge_value(),
         ridge_projection=cfg.ridge_projection,
+        balanced_head=cfg.balanced_head,
         drift_compensation=cfg.drift_compensation,
         concat_pretrained=cfg.concat_pretrained,
         method_config=cfg.method_config(),
@@ -197,6 +198,23 @@ class RunContext:
         return mask_untrained(self.state.rows, cfg.scenario, cfg.head, joint=self.whole_stream)
 
 
+def _stream(prep: Prepared) -> Any:
+    """The run's Avalanche benchmark, in the class order prepared (and recorded)."""
+    from cl_hres.data.streams import build_stream
+
+    cfg = prep.config
+    return build_stream(
+        prep.data,
+        experiences=cfg.experiences,
+        scenario=cfg.scenario,
+        seed=cfg.seed,
+        transforms=prep.transforms,
+        class_order=prep.class_order,
+        initial_classes=cfg.initial_classes,
+        increment=cfg.increment,
+    )
+
+
 def start(
     prep: Prepared,
     out: Path,
@@ -222,7 +240,6 @@ def start(
     """
     from cl_hres.avalanche.tensorboard import RunTensorboardLogger
     from cl_hres.data.loaders import apply_threads, resolve_loader_settings
-    from cl_hres.data.streams import build_stream
 
     started_at = time.perf_counter() if started_at is None else started_at
     cfg = prep.config
@@ -230,13 +247,7 @@ def start(
     loader = resolve_loader_settings(cfg.num_workers, device=cfg.device, kind=prep.data.kind)
     apply_threads(loader)
     seed_everything(cfg.seed)
-    stream = build_stream(
-        prep.data,
-        experiences=prep.experiences,
-        scenario=cfg.scenario,
-        seed=cfg.seed,
-        transforms=prep.transforms,
-    )
+    stream = _stream(prep)
     # The references of forward transfer start from the backbone as it is now. A run on
     # the whole stream at once has no experience learned in the stream to compare.
     wants_references = cfg.fwt_reference and not cfg.spec.trains_whole_stream

@@ -17,6 +17,7 @@ import torch
 
 from cl_hres.data.benchmarks import BENCHMARKS, load_benchmark_data
 from cl_hres.data.datasets import SplitData
+from cl_hres.data.streams import stream_layout
 from cl_hres.errors import CheckpointError, ConfigError
 from cl_hres.run.checkpoint import latest_checkpoint
 from cl_hres.run.config import RunConfig
@@ -66,9 +67,26 @@ class Prepared:
     data: SplitData
     backbone: torch.nn.Module
     experiences: int
+    class_order: list[int]
+    classes_per_experience: list[int]
     data_config: dict[str, Any]
     transforms: tuple[Any, Any]
     backbone_info: dict[str, Any]
+
+
+def _layout(config: RunConfig, data: SplitData) -> tuple[list[int], list[int]]:
+    """Class order and classes per experience; fills the benchmark's experience count."""
+    if config.experiences is None and config.initial_classes is None and config.increment is None:
+        spec = BENCHMARKS.get(config.benchmark)
+        config.experiences = spec.experiences if spec else min(5, data.num_classes)
+    return stream_layout(
+        data,
+        experiences=config.experiences,
+        seed=config.seed,
+        class_order=config.class_order,
+        initial_classes=config.initial_classes,
+        increment=config.increment,
+    )
 
 
 def prepare(config: RunConfig) -> Prepared:
@@ -81,20 +99,16 @@ def prepare(config: RunConfig) -> Prepared:
     # Recorded explicitly: "unset" would mean another thing to a later version whose
     # strategy default differs (a resumed or analysed run must rebuild the same head).
     config.concat_pretrained = config.head_reads_pretrained()
+    config.resolve_strategy_defaults()
     config.check_device()
-    spec = BENCHMARKS.get(config.benchmark)
     data = load_benchmark_data(
         config.benchmark,
         data_root=config.data_root,
         validation=config.validation,
         seed=config.seed,
     )
-    experiences = config.experiences or (spec.experiences if spec else min(5, data.num_classes))
-    if experiences > data.num_classes:
-        raise ConfigError(
-            f"{experiences} experiences need at least as many classes; {data.name} has {data.num_classes}"
-        )
-    config.experiences = experiences
+    order, sizes = _layout(config, data)
+    experiences = len(sizes)
     kwargs = config.backbone_arguments(data.channels)
     seed_everything(config.seed)
     backbone = create_backbone(
@@ -124,6 +138,8 @@ def prepare(config: RunConfig) -> Prepared:
         data,
         backbone,
         experiences,
+        order,
+        sizes,
         data_config,
         transforms,
         describe_weights(config.backbone, config.pretrained, config.weights),

@@ -59,6 +59,19 @@ def report(ctx: RunContext, *, reference_cache: Path) -> dict[str, Any]:
     return results
 
 
+def _experience_domains(prep: Any) -> list[str] | None:
+    """The domain of each experience's classes (data that names domains), else None."""
+    data = prep.data
+    if data.domain_of_class is None:
+        return None
+    names, out, start = data.domain_names, [], 0
+    for size in prep.classes_per_experience:
+        ids = sorted({data.domain_of_class[c] for c in prep.class_order[start : start + size]})
+        out.append("+".join(names[i] if names else str(i) for i in ids))
+        start += size
+    return out
+
+
 def build_results(ctx: RunContext, transfer: dict[str, Any] | None) -> dict[str, Any]:
     """The content of ``results.json``."""
     from cl_hres.avalanche.protocols import checkpointable_plugins
@@ -76,6 +89,9 @@ def build_results(ctx: RunContext, transfer: dict[str, Any] | None) -> dict[str,
         "scenario": cfg.scenario,
         "seed": cfg.seed,
         "experiences": prep.experiences,
+        "class_order": prep.class_order,
+        "classes_per_experience": prep.classes_per_experience,
+        "experience_domains": _experience_domains(prep),
         "evaluation_split": "validation" if cfg.validation else "test",
         "backbone": prep.backbone_info,
         "data_config": prep.data_config,
@@ -83,6 +99,8 @@ def build_results(ctx: RunContext, transfer: dict[str, Any] | None) -> dict[str,
         "accuracy_matrix": r,
         **summarise(r, state.baseline, cfg.scenario, cfg.head),
         "untrained_accuracy": state.baseline,
+        # Forward transfer as every table reports it: learned in the stream vs alone.
+        "fwt": transfer["mean"] if transfer else None,
         "forward_transfer": transfer,
         "trainable_parameters": {
             "adapter_total": model.adapter_parameter_count_total(),

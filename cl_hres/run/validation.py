@@ -19,6 +19,7 @@ from cl_hres.checks import (
     check_positive_int,
     check_range,
 )
+from cl_hres.data.class_order import BY_DOMAIN
 from cl_hres.data.loaders import parse_num_workers
 from cl_hres.data.transforms import AUGMENT_CHOICES
 from cl_hres.errors import ConfigError
@@ -33,6 +34,7 @@ _BOOLEANS = (
     "fwt_reference",
     "drift_compensation",
     "nsp_separate_prefix",
+    "balanced_head",
 )
 
 
@@ -49,6 +51,17 @@ def _check_device(device: Any) -> None:
         raise ConfigError(f"device must be cpu, cuda or cuda:N, got {device!r}")
 
 
+def _check_class_order(order: Any) -> None:
+    # The order's fit to the data is checked once the data is loaded (stream_layout).
+    if isinstance(order, (list, tuple)):
+        if not all(isinstance(c, int) and not isinstance(c, bool) for c in order):
+            raise ConfigError(f"class_order must hold integers, got {list(order)[:5]!r}")
+    elif not isinstance(order, str) or not order.strip():
+        raise ConfigError(
+            f"class_order must be seeded, fixed, a comma list or a file, got {order!r}"
+        )
+
+
 def validate(cfg: Any) -> None:
     """Raises ConfigError naming the first bad value of a RunConfig; normalises workers.
 
@@ -58,13 +71,24 @@ def validate(cfg: Any) -> None:
     _check_strategy(cfg.strategy)
     check_choice("scenario", cfg.scenario, ("class", "task"))
     check_choice("augment", cfg.augment, AUGMENT_CHOICES)
-    check_choice("head", cfg.head, HEAD_CHOICES)
+    if cfg.head is not None:
+        check_choice("head", cfg.head, HEAD_CHOICES)
     for name in ("epochs", "batch_size", "eval_batch_size"):
         check_positive_int(name, getattr(cfg, name))
-    for name in ("experiences", "img_size"):
+    if cfg.experiences != BY_DOMAIN and cfg.experiences is not None:
+        if isinstance(cfg.experiences, str) and cfg.experiences.isdigit():
+            cfg.experiences = int(cfg.experiences)
+        if isinstance(cfg.experiences, str):
+            raise ConfigError(
+                f"experiences must be a positive integer or by-domain, got {cfg.experiences!r}"
+            )
+        check_positive_int("experiences", cfg.experiences)
+    for name in ("img_size", "initial_classes", "increment"):
         if getattr(cfg, name) is not None:
             check_positive_int(name, getattr(cfg, name))
-    check_nonneg_int("ridge_projection", cfg.ridge_projection)
+    _check_class_order(cfg.class_order)
+    if cfg.ridge_projection is not None:
+        check_nonneg_int("ridge_projection", cfg.ridge_projection)
     check_nonneg_int("seed", cfg.seed)
     check_finite_positive("lr", cfg.lr)
     if cfg.ridge != "auto":
