@@ -58,10 +58,22 @@ _FONT_PACKAGES = "fonts-dejavu fonts-freefont-ttf fonts-noto-core culmus"
 
 
 def _progress(total: int, desc: str) -> Any:
-    """A stderr progress bar when stderr is a terminal (tqdm), else a silent counter."""
-    from tqdm import tqdm
-
+    """A stderr progress bar when stderr is a terminal (tqdm, which Avalanche installs)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # not a declared dependency of cl-hres: build without a bar
+        return _Silent()
     return tqdm(total=total, desc=desc, file=sys.stderr, disable=None, leave=False)
+
+
+class _Silent:
+    """The part of tqdm's interface the build uses, doing nothing."""
+
+    def update(self, n: int = 1) -> None:
+        """Counts nothing."""
+
+    def close(self) -> None:
+        """Closes nothing."""
 
 
 # ------------------------------------------------------------------- glyph rendering
