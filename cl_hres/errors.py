@@ -1,8 +1,8 @@
-"""Exceptions that the CLI turns into one-line messages and exit code 2."""
+"""Exceptions that the CLI turns into one-line messages: exit code 2, or 143 for SIGTERM."""
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ClHresError", "ConfigError", "DataError"]
+__all__ = ["CheckpointError", "ClHresError", "ConfigError", "DataError", "Preempted"]
 
 
 class ClHresError(Exception):
@@ -19,3 +19,15 @@ class DataError(ClHresError):
 
 class CheckpointError(ClHresError):
     """A checkpoint is unreadable or does not belong to the run being resumed."""
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; the run stopped after a checkpointed step (not an input error).
+
+    Attributes:
+        steps_done: Steps (experiences) finished and checkpointed.
+    """
+
+    def __init__(self, steps_done: int) -> None:
+        super().__init__(f"stopped by SIGTERM after step {steps_done}")
+        self.steps_done = steps_done

@@ -262,6 +262,15 @@ for _spec in (
         head="ncm",
     ),
     StrategySpec(
+        "hres-routed",
+        "an H-Res expert and a ridge head per experience, trained alone; a first-session "
+        "router picks the experience (exemplar-free)",
+        strategy_class=f"{_S}:RoutedExperts",
+        reference="hres",
+        concat_pretrained=True,
+        ridge_projection=2000,  # as ranpac: the router is RanPAC's head
+    ),
+    StrategySpec(
         "simplecil",
         "SimpleCIL: class means of the frozen backbone, cosine (no training at all)",
         method="linear",

@@ -6,6 +6,7 @@ import pytest
 from _helpers import TINY
 
 from cl_hres.cli.app import main
+from cl_hres.errors import ConfigError
 from cl_hres.reporting.metrics import summarise
 
 # Forward-transfer references double a run; tests/test_forward_transfer.py covers them.
@@ -223,3 +224,21 @@ def test_help_and_config_checks_import_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_device_auto_is_cuda_where_available_and_recorded(monkeypatch, tiny_run):
+    import torch
+
+    from cl_hres.run.config import RunConfig
+
+    assert RunConfig().device == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert RunConfig().resolve_device() == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cfg = RunConfig()
+    assert cfg.resolve_device() == "cuda" and cfg.device == "cuda"
+    with pytest.raises(ConfigError, match="cuda:1 does not exist"):
+        RunConfig(device="cuda:1").resolve_device()
+    # The shared run used the default on this CPU machine: the device it ran on is kept.
+    assert _results(tiny_run.out)["config"]["device"] == "cpu"

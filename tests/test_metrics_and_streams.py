@@ -91,9 +91,11 @@ def test_experience_scalars_skip_unseen_and_use_joint_average():
         "cl/accuracy_exp001",
         "cl/average_accuracy_seen",
         "cl/forgetting",
+        "cl/avalanche_forgetting",
         "cl/bwt",
     }
     assert s["cl/average_accuracy_seen"] == pytest.approx(0.75)
+    assert s["cl/avalanche_forgetting"] == pytest.approx(0.1)
     assert s["cl/forgetting"] == pytest.approx(0.1) and s["cl/bwt"] == pytest.approx(-0.1)
     first = experience_scalars(rows[:1], None, "class", "ridge")
     assert set(first) == {"cl/accuracy_exp000", "cl/average_accuracy_seen"}
@@ -124,3 +126,60 @@ def test_plugin_scalars_come_from_the_last_history_entry():
     assert p["nsp/free_energy/block00"] == 1e-5 and "nsp/free_energy/block01" not in p
     drift_plugin.history = [{"drift": {}}]
     assert drift_plugin.scalars() == {}
+
+
+def test_accuracy_matrix_forgetting_and_bwt_equal_avalanches_own(tmp_path, monkeypatch):
+    """One run with Avalanche's own forgetting and BWT metrics in its evaluator: R, BWT
+    and Avalanche's forgetting (R[j][j] - R[T-1][j]) in results.json, TensorBoard's
+    scalars and metrics.csv equal what Avalanche computed, to 1e-6."""
+    import csv
+    import json
+    import re
+
+    import avalanche.training.plugins as plugins
+    from _helpers import TINY, tensorboard_scalars
+    from avalanche.evaluation.metrics import bwt_metrics, forgetting_metrics
+
+    from cl_hres.cli.app import main
+    from cl_hres.reporting.metrics import AVALANCHE_NAMES, avalanche_stream_forgetting
+
+    made = []
+    original = plugins.EvaluationPlugin
+
+    def with_avalanche_metrics(*metrics, **kwargs):
+        extra = (forgetting_metrics(experience=True, stream=True), bwt_metrics(stream=True))
+        made.append(original(*metrics, *extra, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(plugins, "EvaluationPlugin", with_avalanche_metrics)
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), *TINY]) == 0
+    res = json.loads((out / "results.json").read_text())
+    r, t = res["accuracy_matrix"], len(res["accuracy_matrix"])
+    got = made[0].get_all_metrics()
+    worst = 0.0
+    for name, (_, values) in got.items():
+        m = re.fullmatch(r"Top1_Acc_Exp/eval_phase/test_stream/Task\d+/Exp(\d+)", name)
+        if m:  # one value per evaluation: the untrained model's, then after each step
+            j = int(m.group(1))
+            assert len(values) == t + 1
+            for i in range(j, t):
+                worst = max(worst, abs(values[i + 1] - r[i][j]))
+    stream = {
+        "StreamForgetting/eval_phase/test_stream": avalanche_stream_forgetting,
+        "StreamBWT/eval_phase/test_stream": lambda rows: -avalanche_stream_forgetting(rows),
+    }
+    for name, ours in stream.items():
+        values = got[name][1]
+        for i in range(1, t):  # after steps 2..T (aligned from the end)
+            worst = max(worst, abs(values[len(values) - t + i] - ours(r[: i + 1])))
+        worst = max(worst, abs(values[-1] - res["avalanche"][name]))
+    assert worst < 1e-6, worst
+    logged = tensorboard_scalars(out / "tensorboard" / "experiences")
+    for tag, name in AVALANCHE_NAMES.items():
+        assert logged[name] == logged[tag] and abs(logged[name][-1][1] - got[name][1][-1]) < 1e-6
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(row["step"]) for row in rows] == list(range(1, t + 1))
+    last = float(rows[-1]["StreamBWT/eval_phase/test_stream"])
+    assert abs(last - got["StreamBWT/eval_phase/test_stream"][1][-1]) < 1e-6
+    assert rows[0]["forgetting"] == ""  # undefined after one step, not 0

@@ -103,18 +103,50 @@ def _tensorboard_steps(run: Path) -> list[int]:
     return sorted(steps)
 
 
-def test_ctrl_c_leaves_a_resumable_state(tmp_path, monkeypatch, capsys, tiny_run):
+def test_sigterm_and_ctrl_c_leave_resumable_states(tmp_path, monkeypatch, capsys, tiny_run):
+    """SIGTERM during experience 1 stops after it (its checkpoint written, exit 143);
+    Ctrl-C during experience 3 of the resumed run exits 130; a last resume matches the
+    uninterrupted run."""
     from cl_hres.avalanche import ContinualViTPlugin
 
     out = tmp_path / "out"
-    original = interrupt_on_second_call(
-        monkeypatch, ContinualViTPlugin, "after_train_dataset_adaptation"
-    )
-    assert main(["run", "--out", str(out), *TINY]) == 130
+    original = ContinualViTPlugin.after_train_dataset_adaptation
+    handler = signal.getsignal(signal.SIGTERM)
+
+    def sigterm(self, strategy, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled: the experience runs to its end
+        return original(self, strategy, **kw)
+
+    monkeypatch.setattr(ContinualViTPlugin, "after_train_dataset_adaptation", sigterm)
+    assert main(["run", "--out", str(out), *TINY]) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    # The run's own warnings (uneven split, closed banks), then one line for the stop.
+    assert all(line.startswith("cl-hres: ") for line in err), err
+    assert "SIGTERM: stopped after experience 1" in err[-1], err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["exp000"]
+    assert signal.getsignal(signal.SIGTERM) == handler  # the caller's handler is back
+    monkeypatch.setattr(ContinualViTPlugin, "after_train_dataset_adaptation", original)
+    interrupt_on_second_call(monkeypatch, ContinualViTPlugin, "after_train_dataset_adaptation")
+    assert main(["run", "--resume", "--out", str(out), "--no-progress"]) == 130
     assert "--resume" in capsys.readouterr().err
     monkeypatch.setattr(ContinualViTPlugin, "after_train_dataset_adaptation", original)
     assert main(["run", "--resume", "--out", str(out), "--no-progress"]) == 0
     _assert_same_results(_results(tiny_run.out), _results(out))
+
+
+def test_second_run_on_the_same_out_is_refused_while_one_writes(tmp_path, capsys):
+    from cl_hres.run.preemption import output_lock
+
+    out = tmp_path / "busy"
+    with output_lock(out, "cpu"):  # as a run in another process holds it
+        before = _snapshot(out)
+        assert main(["run", "--out", str(out), *TINY]) == 2
+        assert _snapshot(out) == before
+    err = capsys.readouterr().err.strip().splitlines()
+    assert all(line.startswith("cl-hres: ") for line in err), err
+    assert f"(pid {os.getpid()}) is writing into {out}" in err[-1], err
+    with output_lock(out, "cpu"):  # released when its holder is done
+        pass
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, monkeypatch, capsys):

@@ -13,12 +13,14 @@ from avalanche.training.templates import SupervisedTemplate
 
 from cl_hres import registry
 from cl_hres.avalanche.template import ViTTemplate
+from cl_hres.nn.routing import RoutedExpertsViT
 from cl_hres.nn.views import ExpertViewsViT
 
 __all__ = [
     "STRATEGIES",
     "FineTune",
     "ExpertViews",
+    "RoutedExperts",
     "FirstSessionAdaptation",
     "HRes",
     "HResNSP",
@@ -163,3 +165,14 @@ class ExpertViews(ViTTemplate):
     """
 
     model_class = ExpertViewsViT
+
+
+@_from_registry("hres-routed")
+class RoutedExperts(ViTTemplate):
+    """An H-Res expert and a ridge head per experience, trained alone, behind a router.
+
+    The router is RanPAC's head on the first expert's view; it picks the experience whose
+    own head names the class. Exemplar-free (:mod:`cl_hres.nn.routing`).
+    """
+
+    model_class = RoutedExpertsViT

@@ -25,7 +25,7 @@ from cl_hres.cli.options import (  # noqa: F401  (BENCHMARK_HELP, _RUN_FIELDS: r
     _int_list,
     strategy_help,
 )
-from cl_hres.errors import ClHresError, ConfigError
+from cl_hres.errors import ClHresError, ConfigError, Preempted
 
 __all__ = ["main"]
 
@@ -112,7 +112,9 @@ def _add_bench_parser(sub: Any) -> None:
         help="backbone size: tiny or vit-s (ViT-S/16 at 224) (default: %(default)s)",
     )
     bench_p.add_argument(
-        "--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)"
+        "--device",
+        default="auto",
+        help="auto (CUDA when available), cpu, cuda or cuda:N (default: %(default)s)",
     )
     bench_p.add_argument(
         "--iters", type=int, default=5, help="timed iterations, median (default: %(default)s)"
@@ -257,10 +259,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"--iters must be a positive integer, got {args.iters}")
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size must be a positive integer, got {args.batch_size}")
-    RunConfig(device=args.device).check_device()
+    device = RunConfig(device=args.device).resolve_device()
     results = run_bench(
         args.config,
-        device=args.device,
+        device=device,
         iters=args.iters,
         autocast=args.bf16,
         batch_size=args.batch_size,
@@ -297,6 +299,14 @@ def _main(argv: list[str] | None) -> int:
     except ClHresError as exc:
         print(f"cl-hres: error: {exc}", file=sys.stderr)
         return 2
+    except Preempted as exc:
+        out = getattr(args, "out", None)
+        print(
+            f"cl-hres: SIGTERM: stopped after experience {exc.steps_done}, checkpointed in "
+            f"{out}; continue with --resume",
+            file=sys.stderr,
+        )
+        return 143
     except KeyboardInterrupt:
         out = getattr(args, "out", None)
         print(

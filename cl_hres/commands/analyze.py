@@ -128,6 +128,7 @@ def load_trained_model(run_dir: Path) -> tuple[ContinualViT, Any, dict[str, Any]
         head=config.head,
         ridge=config.ridge_value(),
         ridge_projection=config.ridge_projection,
+        balanced_head=config.balanced_head,
         num_classes=prep.data.num_classes,
     )
     rebuild_structure(model, state["structure"])

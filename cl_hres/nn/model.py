@@ -243,21 +243,29 @@ class ContinualViT(nn.Module):
         f, y, task = torch.cat(feats), torch.cat(labels), torch.cat(tasks)
         if self._features_before is not None:
             self._compensate_drift(f.double())
-        heads = {t: self.stats_head(t) for t in self.current_tasks}
-        before = {}
-        for t, head in heads.items():
+        self._add_to_heads(
+            [(self.stats_head(t), f[task == t], y[task == t]) for t in self.current_tasks]
+        )
+
+    def _add_to_heads(self, parts: list[tuple[StatisticsHead, torch.Tensor, torch.Tensor]]) -> None:
+        """Adds ``(head, features, labels)`` of every process to each head, then fits it.
+
+        Every process calls it with the same heads in the same order (the all-reduces
+        pair up).
+        """
+        before = []
+        for head, _, _ in parts:
             # Same class count on every rank, so the buffers can be all-reduced.
             head._grow(self.train_head.out_features)
-            before[t] = {k: v.clone() for k, v in head.statistics().items()}
-        for t, head in heads.items():
-            rows = task == t
+            before.append({k: v.clone() for k, v in head.statistics().items()})
+        for head, f, y in parts:
             # The experience's class sizes over every process, for heads that balance.
-            counts = torch.bincount(y[rows], minlength=head.num_classes).double()
+            counts = torch.bincount(y, minlength=head.num_classes).double()
             distributed.all_reduce_(counts)
-            head.update(f[rows], y[rows], class_counts=counts)
-        for t, head in heads.items():
+            head.update(f, y, class_counts=counts)
+        for (head, _, _), saved in zip(parts, before):
             for k, v in head.statistics().items():
-                distributed.all_reduce_increment_(v, before[t][k])
+                distributed.all_reduce_increment_(v, saved[k])
             head.fit()
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -23,11 +23,12 @@ import torch
 from torch import nn
 
 from cl_hres import distributed
+from cl_hres.errors import ConfigError
 from cl_hres.nn.base import evaluating
 from cl_hres.nn.heads import NCMHead
 from cl_hres.nn.model import ContinualViT
 
-__all__ = ["TEMPERATURE", "ExpertViewsViT"]
+__all__ = ["TEMPERATURE", "ExpertViewSwitch", "ExpertViewsViT"]
 
 # Softmax temperature of the complement's cosine weights; 0.1 as in EASE's code.
 TEMPERATURE = 0.1
@@ -35,19 +36,19 @@ TEMPERATURE = 0.1
 COMPLEMENT = False
 
 
-class ExpertViewsViT(ContinualViT):
-    """A :class:`ContinualViT` whose head reads one view per experience (see module doc).
+class ExpertViewSwitch:
+    """Mixin for a :class:`ContinualViT` whose experts are read one at a time.
 
-    Its statistics heads are keyed by view (``"0"`` pretrained, ``"k"`` expert ``k-1``),
-    each an :class:`~cl_hres.nn.heads.NCMHead` of class prototypes.
+    View ``v`` is the backbone with expert ``v - 1`` alone (view 0: every expert off), so
+    each expert is a feature space of its own and never moves once its experience ends.
     """
 
-    def stats_head(self, task: int) -> NCMHead:
-        """The prototype head of view ``task`` (created on first use)."""
-        key = str(task)
-        if key not in self.stats_heads:
-            self.stats_heads[key] = NCMHead(self.backbone.num_features).to(self.device)
-        return self.stats_heads[key]
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.head_kind == "linear":
+            # The evaluation features are every view side by side: only a statistics
+            # head reads them.
+            raise ConfigError(f"{type(self).__name__} needs --head ridge or ncm, not linear")
 
     @property
     def num_views(self) -> int:
@@ -66,6 +67,21 @@ class ExpertViewsViT(ContinualViT):
         finally:
             for b, (enabled, only) in zip(self.banks, states):
                 b.enabled, b.only = enabled, only
+
+
+class ExpertViewsViT(ExpertViewSwitch, ContinualViT):
+    """A :class:`ContinualViT` whose head reads one view per experience (see module doc).
+
+    Its statistics heads are keyed by view (``"0"`` pretrained, ``"k"`` expert ``k-1``),
+    each an :class:`~cl_hres.nn.heads.NCMHead` of class prototypes.
+    """
+
+    def stats_head(self, task: int) -> NCMHead:
+        """The prototype head of view ``task`` (created on first use)."""
+        key = str(task)
+        if key not in self.stats_heads:
+            self.stats_heads[key] = NCMHead(self.backbone.num_features).to(self.device)
+        return self.stats_heads[key]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """In training, the current expert's view; else every view, normalised, side by side."""

@@ -15,9 +15,12 @@ import numpy as np
 __all__ = [
     "accuracy_row_from_results",
     "average_accuracy_seen",
+    "AVALANCHE_NAMES",
+    "avalanche_stream_forgetting",
     "average_incremental_accuracy",
     "backward_transfer",
     "experience_scalars",
+    "metrics_csv",
     "final_average_accuracy",
     "forgetting",
     "forward_transfer",
@@ -99,6 +102,25 @@ def backward_transfer(r: Matrix) -> float | None:
     return float(np.mean([r[t - 1][j] - r[j][j] for j in range(t - 1)]))
 
 
+def avalanche_stream_forgetting(r: Matrix) -> float | None:
+    """Avalanche's ``StreamForgetting``: ``mean_{j<T-1} (R[j][j] − R[T-1][j])`` (= −BWT).
+
+    Avalanche measures forgetting from the accuracy right after an experience was
+    trained, not from its best accuracy as :func:`forgetting` (the literature's
+    definition) does; the two agree when no later experience raised ``R[·][j]``.
+    """
+    bwt = backward_transfer(r)
+    return None if bwt is None else -bwt
+
+
+# Scalars of experience_scalars() under the name Avalanche's metrics give the same
+# quantity (tests/test_metrics_and_streams.py checks the values against Avalanche's).
+AVALANCHE_NAMES = {
+    "cl/bwt": "StreamBWT/eval_phase/test_stream",
+    "cl/avalanche_forgetting": "StreamForgetting/eval_phase/test_stream",
+}
+
+
 def forward_transfer(r: Matrix, baseline: Sequence[float]) -> float | None:
     """``mean_{j>0} (R[j-1][j] − b_j)``, b_j the untrained model's accuracy."""
     t = len(r)
@@ -131,6 +153,11 @@ def summarise(
         "forgetting": forgetting(r),
         "bwt": backward_transfer(r),
         "fwt_lopez_paz": _reported_fwt(r, baseline, scenario, head),
+        # The same run in Avalanche's metric names (its forgetting is -BWT, see above).
+        "avalanche": {
+            AVALANCHE_NAMES["cl/bwt"]: backward_transfer(r),
+            AVALANCHE_NAMES["cl/avalanche_forgetting"]: avalanche_stream_forgetting(r),
+        },
     }
 
 
@@ -154,7 +181,8 @@ def experience_scalars(
     """TensorBoard scalars after the last row of ``r``, the rows up to now (``cl/`` tags).
 
     Accuracy per experience trained so far (unseen experiences are left out, not logged
-    as 0), their average, and forgetting, BWT and FWT of the stream so far where defined.
+    as 0), their average, and forgetting (the literature's and Avalanche's), BWT and FWT
+    of the stream so far where defined.
     """
     row = r[-1]
     seen = len(row) if joint else len(r)
@@ -162,9 +190,41 @@ def experience_scalars(
     out["cl/average_accuracy_seen"] = average_accuracy_seen(r, joint=joint)
     for name, value in (
         ("forgetting", forgetting(r)),
+        ("avalanche_forgetting", avalanche_stream_forgetting(r)),
         ("bwt", backward_transfer(r)),
         ("fwt_lopez_paz", _reported_fwt(r, baseline, scenario, head)),
     ):
         if value is not None:
             out[f"cl/{name}"] = value
     return out
+
+
+def metrics_csv(
+    r: Matrix,
+    baseline: Sequence[float] | None,
+    scenario: str,
+    head: str = "linear",
+    *,
+    joint: bool = False,
+) -> str:
+    """``metrics.csv``: one row per training step, the scalars of :func:`experience_scalars`.
+
+    Rebuilt from the rows of ``r`` at every step, so a resumed run's file holds each
+    step once. Columns named as Avalanche names the same quantity (:data:`AVALANCHE_NAMES`)
+    carry that name; an undefined value (e.g. forgetting after one step) is empty.
+    """
+    import csv
+    import io
+
+    rows = [
+        experience_scalars(r[: i + 1], baseline, scenario, head, joint=joint) for i in range(len(r))
+    ]
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["step", *(AVALANCHE_NAMES.get(k, k.removeprefix("cl/")) for k in columns)])
+    for step, row in enumerate(rows, start=1):
+        writer.writerow([step, *(repr(row[k]) if k in row else "" for k in columns)])
+    return buffer.getvalue()

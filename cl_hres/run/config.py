@@ -147,7 +147,10 @@ class RunConfig:
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     seed: int = field(default=0, metadata={"help": "Seed of class order, init and batches."})
-    device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N."})
+    device: str = field(
+        default="auto",
+        metadata={"help": "auto (CUDA when available, else CPU), cpu, cuda or cuda:N."},
+    )
     bf16: bool = field(
         default=False, metadata={"help": "bfloat16 autocast (statistics stay float64)."}
     )
@@ -227,12 +230,18 @@ class RunConfig:
         """Raises ConfigError naming the first bad value (:mod:`cl_hres.run.validation`)."""
         validate(self)
 
-    def check_device(self) -> None:
-        """Raises ConfigError if the device is not available here."""
-        if self.device == "cpu":
-            return
+    def resolve_device(self) -> str:
+        """Turns ``auto`` into ``cuda`` or ``cpu`` and checks the device exists here.
+
+        Returns the device (also stored in :attr:`device`, so results.json records the
+        one used). Raises ConfigError for a CUDA device this machine does not have.
+        """
         import torch
 
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cpu":
+            return self.device
         if not torch.cuda.is_available():
             raise ConfigError(f"device {self.device} requested but CUDA is not available")
         index = int(self.device.split(":")[1]) if ":" in self.device else 0
@@ -240,6 +249,7 @@ class RunConfig:
             raise ConfigError(
                 f"device {self.device} does not exist ({torch.cuda.device_count()} GPUs)"
             )
+        return self.device
 
     # -------------------------------------------------------- derived configs
     def _mirrored(self, config_type: type) -> Any:

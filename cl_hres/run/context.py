@@ -19,7 +19,7 @@ import dataclasses
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,6 +223,7 @@ def start(
     purge_step: int | None = None,
     experience_purge_step: int | None = None,
     started_at: float | None = None,
+    before_writing: Callable[[], object] | None = None,
 ) -> RunContext:
     """Chooses the loaders, builds the stream and the strategy, then readies ``out`` (rank 0).
 
@@ -237,6 +238,8 @@ def start(
         purge_step: First TensorBoard step to purge (events logged after the checkpoint).
         experience_purge_step: The same for the per-experience events.
         started_at: When the run (this call of ``execute``) began; default now.
+        before_writing: Called on every rank just before ``out`` is first written (the
+            runner takes the output lock there).
     """
     from cl_hres.avalanche.tensorboard import RunTensorboardLogger
     from cl_hres.data.loaders import apply_threads, resolve_loader_settings
@@ -252,6 +255,8 @@ def start(
     # the whole stream at once has no experience learned in the stream to compare.
     wants_references = cfg.fwt_reference and not cfg.spec.trains_whole_stream
     pristine = copy.deepcopy(prep.backbone) if wants_references else None
+    if before_writing is not None:
+        before_writing()
     strategy, logger = make_strategy(prep, out / "tensorboard", purge_step=purge_step)
     if distributed.rank() == 0:
         _ready_output_dir(out, cfg.to_dict(), fresh=fresh)

@@ -14,9 +14,17 @@ import time
 
 from cl_hres import distributed
 from cl_hres.avalanche.protocols import checkpointable_plugins
-from cl_hres.reporting.metrics import average_accuracy_seen, experience_scalars
+from cl_hres.errors import Preempted
+from cl_hres.fileio import atomic_write_text
+from cl_hres.reporting.metrics import (
+    AVALANCHE_NAMES,
+    average_accuracy_seen,
+    experience_scalars,
+    metrics_csv,
+)
 from cl_hres.run.checkpoint import save_checkpoint
 from cl_hres.run.context import RunContext
+from cl_hres.run.preemption import SigtermFlag
 
 __all__ = ["train_and_evaluate"]
 
@@ -25,7 +33,8 @@ def train_and_evaluate(ctx: RunContext, *, progress: bool = True) -> None:
     """Train–evaluate loop: each step trains, evaluates, logs and checkpoints.
 
     Starts after the steps already in ``ctx.state`` (a resumed run); closes the
-    TensorBoard logger at the end.
+    TensorBoard logger at the end. On SIGTERM it stops after the step under way and its
+    checkpoint (:class:`~cl_hres.errors.Preempted`).
     """
     from tqdm import tqdm
 
@@ -39,18 +48,24 @@ def train_and_evaluate(ctx: RunContext, *, progress: bool = True) -> None:
         disable=not (progress and distributed.rank() == 0),
         file=sys.stderr,
     )
-    for i in range(start_at, ctx.steps):
-        _train_step(ctx, i)
-        if distributed.rank() == 0:
-            _log_step(ctx)
-            _save_step(ctx, i)
-        bar.update(1)
-        r = ctx.matrix()
-        bar.set_postfix(avg_acc=f"{average_accuracy_seen(r, joint=ctx.whole_stream):.3f}")
-    bar.close()
-    for logger in (ctx.logger, ctx.experience_logger):
-        if logger is not None:
-            logger.close()
+    try:
+        with SigtermFlag() as sigterm:
+            for i in range(start_at, ctx.steps):
+                _train_step(ctx, i)
+                if distributed.rank() == 0:
+                    _log_step(ctx)
+                    _save_step(ctx, i)
+                bar.update(1)
+                r = ctx.matrix()
+                bar.set_postfix(avg_acc=f"{average_accuracy_seen(r, joint=ctx.whole_stream):.3f}")
+                # After the checkpoint: the step is kept, the run resumes after it.
+                if i + 1 < ctx.steps and sigterm.stop_now(cfg.device):
+                    raise Preempted(i + 1)
+    finally:
+        bar.close()
+        for logger in (ctx.logger, ctx.experience_logger):
+            if logger is not None:
+                logger.close()
 
 
 def _train_step(ctx: RunContext, i: int) -> None:
@@ -98,6 +113,14 @@ def _log_step(ctx: RunContext) -> None:
     scalars = experience_scalars(
         ctx.matrix(), ctx.state.baseline, cfg.scenario, cfg.head, joint=ctx.whole_stream
     )
+    # The same figures beside TensorBoard, one CSV row per step (rebuilt, so resume-safe).
+    atomic_write_text(
+        ctx.out / "metrics.csv",
+        metrics_csv(
+            ctx.matrix(), ctx.state.baseline, cfg.scenario, cfg.head, joint=ctx.whole_stream
+        ),
+    )
+    scalars.update({AVALANCHE_NAMES[k]: v for k, v in scalars.items() if k in AVALANCHE_NAMES})
     for plugin in checkpointable_plugins(strategy).values():
         scalars.update(plugin.scalars())
     step = len(ctx.state.rows)

@@ -35,6 +35,7 @@ OUTPUT_FILES = (
     "results.json",
     "config.json",
     "forgetting_curves.png",
+    "metrics.csv",
     "tensorboard",
     "checkpoints",
 )
@@ -100,7 +101,7 @@ def prepare(config: RunConfig) -> Prepared:
     # strategy default differs (a resumed or analysed run must rebuild the same head).
     config.concat_pretrained = config.head_reads_pretrained()
     config.resolve_strategy_defaults()
-    config.check_device()
+    config.resolve_device()
     data = load_benchmark_data(
         config.benchmark,
         data_root=config.data_root,

@@ -16,7 +16,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from cl_hres.run.checkpoint import latest_checkpoint, load_checkpoint
 from cl_hres.run.config import RunConfig
 from cl_hres.run.context import restore, start
 from cl_hres.run.loop import train_and_evaluate
+from cl_hres.run.preemption import output_lock
 from cl_hres.run.prepare import Prepared, check_output_dir, holds_results, prepare
 from cl_hres.run.report import report
 
@@ -51,6 +54,28 @@ def execute(
         reference_cache: Folder of the forward-transfer reference cache (default ``out``);
             ``compare`` passes one folder for all its runs, so they share references.
     """
+    with contextlib.ExitStack() as lock:
+        return _execute(
+            prep,
+            out,
+            resume=resume,
+            overwrite=overwrite,
+            progress=progress,
+            reference_cache=reference_cache,
+            take_lock=lambda: lock.enter_context(output_lock(out, prep.config.device)),
+        )
+
+
+def _execute(
+    prep: Prepared,
+    out: Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    reference_cache: Path | None,
+    take_lock: Callable[[], object],
+) -> dict[str, Any]:
     started_at = time.perf_counter()
     checkpoint = latest_checkpoint(out / "checkpoints") if resume else None
     loaded = load_checkpoint(checkpoint, prep.config.to_dict()) if checkpoint else None
@@ -65,6 +90,8 @@ def execute(
         purge_step=purge_step,
         experience_purge_step=experience_purge_step,
         started_at=started_at,
+        # The lock is held from before the first write in ``out`` until the report is out.
+        before_writing=take_lock,
     )
     restore(ctx, loaded)
     train_and_evaluate(ctx, progress=progress)
@@ -77,7 +104,7 @@ def join_process_group(config: RunConfig) -> None:
     # process group exists: import it before joining the group.
     import cl_hres.avalanche.strategies  # noqa: F401
 
-    config.device = distributed.init_from_env(config.device)
+    config.device = distributed.init_from_env(config.resolve_device())
 
 
 def run(

@@ -47,8 +47,10 @@ def _check_strategy(name: Any) -> None:
 
 
 def _check_device(device: Any) -> None:
-    if not isinstance(device, str) or not (device in ("cpu", "cuda") or device.startswith("cuda:")):
-        raise ConfigError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+    if not isinstance(device, str) or not (
+        device in ("auto", "cpu", "cuda") or device.startswith("cuda:")
+    ):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
 def _check_class_order(order: Any) -> None:
