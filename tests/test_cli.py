@@ -71,7 +71,10 @@ def test_tensorboard_has_forgetting_scalars(tiny_run):
 @pytest.mark.parametrize("scenario", ["class", "task"])
 def test_compare_runs_every_strategy(tmp_path, scenario):
     out = tmp_path / "cmp"
+    # Every method in class-IL; the task-IL head protocol needs one of each kind of run.
     names = ["hres-nsp", "lora", "vpt", "linear", "joint"]
+    if scenario == "task":
+        names = ["hres-nsp", "linear", "joint"]
     argv = ["compare", "--strategies", ",".join(names), "--scenario", scenario, "--out", str(out)]
     assert main([*argv, "--experiences", "2", *FAST]) == 0
     summary = json.loads((out / "comparison.json").read_text())
@@ -89,7 +92,8 @@ def test_compare_runs_every_strategy(tmp_path, scenario):
     # relative 1e-6 (the default) keeps an approximate null space: old features move by
     # under a few hundredths of the class spread (exact protection: tests/test_null_space.py).
     assert drift["linear"] == 0 and drift["hres-nsp"] < 0.05
-    assert drift["lora"] > 0.05 and drift["vpt"] > 0.05
+    if scenario == "class":
+        assert drift["lora"] > 0.05 and drift["vpt"] > 0.05
     assert drift["joint"] is None
     table = (out / "comparison.md").read_text()
     assert "old-feature drift" in table

@@ -68,7 +68,8 @@ def test_compare_reports_forward_transfer_and_shares_references(tmp_path, monkey
     assert results["hres-nsp"]["forward_transfer"]["reference_accuracy"] == ref
     table = (out / "comparison.md").read_text()
     assert "| FWT (pp) |" in table and "FWT vs alone" not in table
-    # A rerun finds every reference in the cache.
+    # A rerun (one of the two strategies suffices) finds every reference in the cache.
     made.clear()
-    assert main([*args, "--overwrite"]) == 0
+    again = ["compare", "--strategies", "hres", "--out", str(out), *FAST, "--overwrite"]
+    assert main(again) == 0
     assert [s for s, tb in made if tb is None] == []

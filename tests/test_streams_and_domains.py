@@ -1,6 +1,7 @@
 """Class order, experience sizes, domain streams, the balanced head and split-domains."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -151,13 +152,20 @@ def test_balanced_head_equals_the_head_of_a_balanced_stream():
 
 
 def test_simplecil_and_ranpac_use_their_heads(tmp_path):
-    for name, head, projection in (("simplecil", "ncm", 0), ("ranpac", "ridge", 2000)):
-        out = tmp_path / name
-        assert (
-            main(["run", "--strategy", name, "--experiences", "2", "--out", str(out), *TINY]) == 0
-        )
-        cfg = json.loads((out / "results.json").read_text())["config"]
-        assert (cfg["head"], cfg["ridge_projection"]) == (head, projection)
+    from cl_hres.run.config import RunConfig
+
+    out = tmp_path / "simplecil"
+    assert (
+        main(["run", "--strategy", "simplecil", "--experiences", "2", "--out", str(out), *TINY])
+        == 0
+    )
+    cfg = json.loads((out / "results.json").read_text())["config"]
+    assert (cfg["head"], cfg["ridge_projection"]) == ("ncm", 0)
+    # ranpac is aper (tests/test_first_session.py) with this head; the projected ridge
+    # head is tested in tests/test_heads_and_analysis.py, hres-routed runs it end to end.
+    ranpac = RunConfig(strategy="ranpac")
+    ranpac.resolve_strategy_defaults()
+    assert (ranpac.head, ranpac.ridge_projection) == ("ridge", 2000)
 
 
 def test_split_domains_build_splits_fonts_and_checks_its_checksum(tmp_path, monkeypatch):
@@ -231,3 +239,57 @@ def test_expert_views_read_one_expert_each_and_old_views_never_move():
         bank.down.pop("expert0")
         bank.up.pop("expert0")
     torch.testing.assert_close(model.backbone_features(x), alone)  # expert 1 alone
+
+
+def _layout_tree(root, layout, names):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for i, name in enumerate(names):
+            folder = root / layout.folder / split / name
+            folder.mkdir(parents=True)
+            Image.new("RGB", (4, 4), (i % 256, 0, 0)).save(folder / "0.png")
+
+
+@pytest.mark.parametrize("name", ["imagenet-a", "cub-200", "objectnet", "omnibenchmark", "vtab"])
+def test_ptm_benchmark_layouts_read_their_folders(tmp_path, name):
+    """Each PTM-CIL layout: a one-line error naming the folder it expects, its class
+    count checked, and its default experiences (VTAB: its five domains, in order)."""
+    from cl_hres.data.benchmarks import BENCHMARKS, FOLDER_LAYOUTS, load_benchmark_data
+    from cl_hres.data.streams import stream_layout
+
+    layout = FOLDER_LAYOUTS[name]
+    with pytest.raises(DataError, match=f"expected {tmp_path / layout.folder}/train/<class>"):
+        load_benchmark_data(name, data_root=tmp_path)
+    per_domain = layout.classes // max(layout.domains, 1)
+    names = [f"d{c // per_domain}_class{c:03d}" for c in range(layout.classes)]
+    _layout_tree(tmp_path, layout, names)
+    data = load_benchmark_data(name, data_root=tmp_path)
+    assert data.num_classes == layout.classes
+    order, sizes = stream_layout(data, experiences=BENCHMARKS[name].experiences, seed=0)
+    if layout.domains:
+        assert data.domain_names == [f"d{d}" for d in range(5)] and sizes == [10] * 5
+        # The domains in the order the data ships (classes within one: the seeded order).
+        assert [c // 10 for c in order] == [d for d in range(5) for _ in range(10)]
+    else:
+        assert sizes == [layout.classes // 10] * 10
+    for split in ("train", "test"):
+        shutil.rmtree(tmp_path / layout.folder / split / names[-1])
+    with pytest.raises(DataError, match=f"{layout.classes - 1} class folders with images"):
+        load_benchmark_data(name, data_root=tmp_path)
+
+
+def test_vtab_runs_by_domain_from_the_command_line(tmp_path, capsys):
+    from cl_hres.data.benchmarks import FOLDER_LAYOUTS
+
+    argv = ["run", "--benchmark", "vtab", "--data-root", str(tmp_path), "--strategy", "simplecil"]
+    assert main([*argv, "--out", str(tmp_path / "missing"), *TINY]) == 2
+    assert "vtab not found: expected" in capsys.readouterr().err
+    domains = ["resisc45", "dtd", "pets", "eurosat", "flowers"]
+    names = sorted(f"{d}_{c}" for d in domains for c in range(10))
+    _layout_tree(tmp_path, FOLDER_LAYOUTS["vtab"], names)
+    out = tmp_path / "run"
+    assert main([*argv, "--out", str(out), *TINY]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["classes_per_experience"] == [10] * 5
+    assert res["experience_domains"] == sorted(domains)

@@ -17,7 +17,7 @@ from cl_hres.errors import ConfigError, DataError
 if TYPE_CHECKING:
     from cl_hres.data.datasets import SplitData
 
-__all__ = ["BENCHMARKS", "BenchmarkSpec", "load_benchmark_data"]
+__all__ = ["BENCHMARKS", "FOLDER_LAYOUTS", "BenchmarkSpec", "FolderLayout", "load_benchmark_data"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,30 @@ class BenchmarkSpec:
     experiences: int | str
     description: str
 
+
+@dataclass(frozen=True)
+class FolderLayout:
+    """A published PTM-CIL benchmark as LAMDA-PILOT and its successors read it.
+
+    ``--data-root/<folder>/train/<class>/*`` and ``.../test/<class>/*`` (ImageFolder
+    trees, the split the papers use), ``classes`` class folders in each; class ids follow
+    the sorted folder names (PILOT's ``class_order = arange(C)``). ``domains`` > 0 splits
+    the classes, in that order, into that many domains of equal size (VTAB: one
+    experience per domain, in the order the data ships).
+    """
+
+    folder: str
+    classes: int
+    domains: int = 0
+
+
+FOLDER_LAYOUTS: dict[str, FolderLayout] = {
+    "imagenet-a": FolderLayout("imagenet-a", 200),
+    "cub-200": FolderLayout("cub", 200),
+    "objectnet": FolderLayout("objectnet", 200),
+    "omnibenchmark": FolderLayout("omnibenchmark", 300),
+    "vtab": FolderLayout("vtab-cil/vtab", 50, domains=5),
+}
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {
     "split-digits": BenchmarkSpec(5, "scikit-learn digits, 5 experiences of 2 classes"),
@@ -38,6 +62,19 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         "by-domain",
         "6 domains of 10 classes (digits, fashion, Latin/Greek/Cyrillic/Hebrew glyphs), "
         "built offline into --data-root (docs/streams.md)",
+    ),
+    # B0Inc20 (B0Inc30 for OmniBenchmark's 300 classes), VTAB B0Inc10 by domain: the
+    # layouts of the EASE / MOS result tables; --initial-classes/--increment change them.
+    "imagenet-a": BenchmarkSpec(10, "ImageNet-A, 200 classes, 10 experiences of 20 (PILOT layout)"),
+    "cub-200": BenchmarkSpec(10, "CUB-200-2011, 200 classes, 10 experiences of 20 (PILOT layout)"),
+    "objectnet": BenchmarkSpec(
+        10, "ObjectNet, 200-class subset, 10 experiences of 20 (PILOT layout)"
+    ),
+    "omnibenchmark": BenchmarkSpec(
+        10, "OmniBenchmark, 300 classes, 10 experiences of 30 (PILOT layout)"
+    ),
+    "vtab": BenchmarkSpec(
+        "by-domain", "VTAB-CIL, 5 domains of 10 classes in their fixed order (PILOT layout)"
     ),
 }
 
@@ -70,6 +107,8 @@ def load_benchmark_data(
         return load_split_domains(data_root, validation=validation, seed=seed)
     if name == "split-cifar100":
         return load_cifar100(data_root)
+    if name in FOLDER_LAYOUTS:
+        return _load_layout(name, FOLDER_LAYOUTS[name], Path(data_root), seed)
     if name == "imagenet-r":
         folder = Path(data_root) / "imagenet-r"
         if not folder.is_dir():
@@ -91,4 +130,44 @@ def load_benchmark_data(
     raise ConfigError(
         f"unknown benchmark {name!r}{hint} (choose from {', '.join(BENCHMARKS)}, "
         "a .npz file or an image folder)"
+    )
+
+
+def _load_layout(name: str, layout: FolderLayout, data_root: Path, seed: int) -> SplitData:
+    """A :class:`FolderLayout` benchmark; DataError naming the folder it expects."""
+    import dataclasses
+
+    from cl_hres.data.datasets import load_image_folder
+
+    folder = data_root / layout.folder
+    if not ((folder / "train").is_dir() and (folder / "test").is_dir()):
+        raise DataError(
+            f"{name} not found: expected {folder}/train/<class>/*.jpg and "
+            f"{folder}/test/<class>/*.jpg ({layout.classes} class folders each, the "
+            "LAMDA-PILOT download); pass --data-root"
+        )
+    data = load_image_folder(folder, name=name, seed=seed)
+    if data.num_classes != layout.classes:
+        raise DataError(
+            f"{folder}/train: {data.num_classes} class folders with images, "
+            f"{name} has {layout.classes}"
+        )
+    if not layout.domains:
+        return data
+    size = layout.classes // layout.domains
+    names = data.train.classes
+    prefixes = [names[d * size].split("_")[0] for d in range(layout.domains)]
+    # Domain names from a shared "<domain>_<class>" prefix where the folders have one.
+    shared = (
+        all(
+            n.split("_")[0] == prefixes[d]
+            for d in range(layout.domains)
+            for n in names[d * size : (d + 1) * size]
+        )
+        and len(set(prefixes)) == layout.domains
+    )
+    return dataclasses.replace(
+        data,
+        domain_of_class=[c // size for c in range(layout.classes)],
+        domain_names=prefixes if shared else [f"domain{d}" for d in range(layout.domains)],
     )
