@@ -174,6 +174,7 @@ for _name, _config, _attach in (
     ("hres", "HResConfig", f"{_ADAPTERS}:add_hres_experts"),
     ("lora", "LoRAConfig", f"{_ADAPTERS}:add_lora_experts"),
     ("vpt", "VPTConfig", f"{_PROMPTS}:attach_vpt_prompts"),
+    ("l2p", "L2PConfig", "cl_hres.nn.prompt_pool:attach_prompt_pool"),
 ):
     register_method(MethodSpec(_name, f"{_CONFIGS}:{_config}", _attach, switchable=True))
 register_method(MethodSpec("linear"))
@@ -222,6 +223,13 @@ for _spec in (
         strategy_class=f"{_S}:VPT",
         # Off: the concatenation costs VPT on validation (90.3 vs 92.6% at lr 1e-4,
         # results/sweeps/concat-vpt and vpt-lr).
+    ),
+    StrategySpec(
+        "l2p",
+        "Learning to Prompt: a prompt pool, prompts chosen by key matching (Wang et al. 2022)",
+        method="l2p",
+        strategy_class=f"{_S}:L2P",
+        expert_per_experience=False,
     ),
     StrategySpec(
         "linear",

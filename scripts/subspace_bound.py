@@ -300,12 +300,15 @@ def run_seed(prep: Prepared) -> dict[str, dict[str, float]]:
     loader = resolve_loader_settings(cfg.num_workers, device=cfg.device, kind=prep.data.kind)
     apply_threads(loader)
     seed_everything(seed)
-    stream = build_stream(
+    stream = build_stream(  # the run's layout: class order, B/Inc sizes, by-domain
         prep.data,
-        experiences=prep.experiences,
+        experiences=cfg.experiences,
         scenario=cfg.scenario,
         seed=seed,
         transforms=prep.transforms,
+        class_order=prep.class_order,
+        initial_classes=cfg.initial_classes,
+        increment=cfg.increment,
     )
     pristine = copy.deepcopy(prep.backbone)
     models = []

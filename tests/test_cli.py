@@ -72,7 +72,7 @@ def test_tensorboard_has_forgetting_scalars(tiny_run):
 def test_compare_runs_every_strategy(tmp_path, scenario):
     out = tmp_path / "cmp"
     # Every method in class-IL; the task-IL head protocol needs one of each kind of run.
-    names = ["hres-nsp", "lora", "vpt", "linear", "joint"]
+    names = ["hres-nsp", "lora", "vpt", "l2p", "linear", "joint"]
     if scenario == "task":
         names = ["hres-nsp", "linear", "joint"]
     argv = ["compare", "--strategies", ",".join(names), "--scenario", scenario, "--out", str(out)]
@@ -93,7 +93,7 @@ def test_compare_runs_every_strategy(tmp_path, scenario):
     # under a few hundredths of the class spread (exact protection: tests/test_null_space.py).
     assert drift["linear"] == 0 and drift["hres-nsp"] < 0.05
     if scenario == "class":
-        assert drift["lora"] > 0.05 and drift["vpt"] > 0.05
+        assert drift["lora"] > 0.05 and drift["vpt"] > 0.05 and drift["l2p"] > 0.05
     assert drift["joint"] is None
     table = (out / "comparison.md").read_text()
     assert "old-feature drift" in table

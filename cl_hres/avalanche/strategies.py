@@ -13,6 +13,7 @@ from avalanche.training.templates import SupervisedTemplate
 
 from cl_hres import registry
 from cl_hres.avalanche.template import ViTTemplate
+from cl_hres.nn.prompt_pool import PromptPoolViT
 from cl_hres.nn.routing import RoutedExpertsViT
 from cl_hres.nn.views import ExpertViewsViT
 
@@ -24,6 +25,7 @@ __all__ = [
     "FirstSessionAdaptation",
     "HRes",
     "HResNSP",
+    "L2P",
     "Joint",
     "LinearProbe",
     "LoRA",
@@ -113,6 +115,17 @@ class LoRANSP(ViTTemplate):
 @_from_registry("vpt")
 class VPT(ViTTemplate):
     """Sequential visual prompt tuning (shallow or deep)."""
+
+
+@_from_registry("l2p")
+class L2P(ViTTemplate):
+    """Learning to Prompt: prompts from a pool, chosen per image by key matching.
+
+    The keys are trained towards the queries of the images that chose them (the loss of
+    :meth:`PromptPoolViT.auxiliary_loss`); the prompts and the head by the task loss.
+    """
+
+    model_class = PromptPoolViT
 
 
 @_from_registry("linear")

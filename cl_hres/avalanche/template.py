@@ -242,6 +242,12 @@ class ViTTemplate(SupervisedTemplate):
         # Loss and metrics in float32 (-inf masks survive the cast).
         return out.float()
 
+    def criterion(self) -> torch.Tensor:
+        """The task loss, plus the model's own term in training (:meth:`auxiliary_loss`)."""
+        loss = super().criterion()
+        extra = self.model.auxiliary_loss() if self.is_training else None
+        return loss if extra is None else loss + extra.float()
+
     def _train_exp(self, experience: Any, eval_streams: Any = None, **kwargs: Any) -> None:
         # Nothing but the training head would learn, and a statistics head is fitted in
         # closed form after the experience without reading it (linear probe; APER after

@@ -160,6 +160,10 @@ _GROUPS: list[tuple[str, str, list[tuple[str, str, Any]]]] = [
             ("--lora-blocks", "lora_blocks", str),
             ("--vpt-length", "vpt_length", int),
             ("--vpt-deep", "vpt_deep", None),
+            ("--l2p-pool-size", "l2p_pool_size", int),
+            ("--l2p-length", "l2p_length", int),
+            ("--l2p-top-k", "l2p_top_k", int),
+            ("--l2p-key-loss-weight", "l2p_key_loss_weight", float),
         ],
     ),
     (

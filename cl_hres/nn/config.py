@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cl_hres import registry
-from cl_hres.checks import check_finite_positive, check_positive_int
+from cl_hres.checks import check_finite_nonneg, check_finite_positive, check_positive_int
 from cl_hres.errors import ConfigError
 
 __all__ = [
     "check_model_arguments",
     "HEAD_CHOICES",
     "HResConfig",
+    "L2PConfig",
     "LoRAConfig",
     "VPTConfig",
 ]
@@ -107,6 +108,31 @@ class VPTConfig:
         check_positive_int("vpt length", self.length)
         if not isinstance(self.deep, bool):
             raise ConfigError(f"vpt deep must be true or false, got {self.deep!r}")
+
+
+@dataclass
+class L2PConfig:
+    """Learning to Prompt (Wang et al., CVPR 2022): a pool of prompts chosen by key.
+
+    Defaults are the paper's Split CIFAR-100 settings: M = 10 prompts of length
+    L_p = 5, the N = 5 best-matching ones prepended, key-matching weight λ = 0.1.
+    """
+
+    pool_size: int = field(default=10, metadata={"help": "Prompts in the pool (M)."})
+    length: int = field(default=5, metadata={"help": "Tokens per prompt (L_p)."})
+    top_k: int = field(default=5, metadata={"help": "Prompts chosen per image (N)."})
+    key_loss_weight: float = field(
+        default=0.1, metadata={"help": "Weight of the key-query matching loss (lambda)."}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("pool_size", "length", "top_k"):
+            check_positive_int(f"l2p {name}", getattr(self, name))
+        if self.top_k > self.pool_size:
+            raise ConfigError(
+                f"l2p top_k ({self.top_k}) cannot exceed pool_size ({self.pool_size})"
+            )
+        check_finite_nonneg("l2p key_loss_weight", self.key_loss_weight)
 
 
 def check_model_arguments(

@@ -268,6 +268,14 @@ class ContinualViT(nn.Module):
                 distributed.all_reduce_increment_(v, saved[k])
             head.fit()
 
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """A loss term of the method's own, added to the task loss in training (None: none).
+
+        Read right after the training forward (e.g. L2P's key matching,
+        :class:`~cl_hres.nn.prompt_pool.PromptPoolViT`).
+        """
+        return None
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters an optimizer should receive now."""
         return [p for p in self.parameters() if p.requires_grad]

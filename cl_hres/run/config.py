@@ -11,7 +11,7 @@ from typing import Any
 
 from cl_hres import registry
 from cl_hres.errors import ConfigError
-from cl_hres.nn.config import HResConfig, LoRAConfig, VPTConfig
+from cl_hres.nn.config import HResConfig, L2PConfig, LoRAConfig, VPTConfig
 from cl_hres.nsp.config import NullSpaceConfig
 from cl_hres.run.validation import validate
 
@@ -198,6 +198,10 @@ class RunConfig:
     lora_blocks: str | None = _mirror(LoRAConfig, "blocks")
     vpt_length: int = _mirror(VPTConfig, "length")
     vpt_deep: bool = _mirror(VPTConfig, "deep")
+    l2p_pool_size: int = _mirror(L2PConfig, "pool_size")
+    l2p_length: int = _mirror(L2PConfig, "length")
+    l2p_top_k: int = _mirror(L2PConfig, "top_k")
+    l2p_key_loss_weight: float = _mirror(L2PConfig, "key_loss_weight")
     validation: float = field(
         default=0.0, metadata={"help": "Train fraction held out as the evaluation set."}
     )
@@ -273,6 +277,10 @@ class RunConfig:
         """The VPT config these options describe."""
         return self._mirrored(VPTConfig)
 
+    def l2p_config(self) -> L2PConfig:
+        """The L2P config these options describe."""
+        return self._mirrored(L2PConfig)
+
     def nsp_config(self) -> NullSpaceConfig:
         """The null-space rule these options describe."""
         return self._mirrored(NullSpaceConfig)
@@ -306,6 +314,7 @@ class RunConfig:
             HResConfig: self.hres_config,
             LoRAConfig: self.lora_config,
             VPTConfig: self.vpt_config,
+            L2PConfig: self.l2p_config,
         }
         if config_type is None:
             return None

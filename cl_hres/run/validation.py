@@ -114,4 +114,5 @@ def validate(cfg: Any) -> None:
     cfg.hres_config()
     cfg.lora_config()
     cfg.vpt_config()
+    cfg.l2p_config()
     cfg.nsp_config()
