@@ -16,7 +16,15 @@ def test_bench_tiny_writes_every_figure(tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["bench", "--config", "tiny", "--iters", "1", "--out", str(out)]) == 0
     res = json.loads((out / "bench.json").read_text())
-    assert set(res["train"]) == {"linear", "floor", "hres", "hres-nsp", "lora", "vpt-deep-10"}
+    assert set(res["train"]) == {
+        "linear",
+        "floor",
+        "hres",
+        "hres-nsp",
+        "lora",
+        "vpt-deep-10",
+        "l2p",
+    }
     for row in res["train"].values():
         assert row["images_per_s"] > 0 and row["ratio_to_floor"] > 0
     assert res["train"]["floor"]["ratio_to_floor"] == 1.0

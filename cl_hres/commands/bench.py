@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from cl_hres.commands.bench_data import data_figures
-from cl_hres.nn.config import HResConfig, LoRAConfig, VPTConfig
+from cl_hres.nn.config import HResConfig, L2PConfig, LoRAConfig, VPTConfig
 from cl_hres.nn.model import ContinualViT
 from cl_hres.nsp.config import NullSpaceConfig
 from cl_hres.nsp.guard import NullSpaceGuard, PlasticityWarning
@@ -134,6 +134,16 @@ def _method_model(
             method_config=VPTConfig(length=10, deep=True),
             num_classes=num_classes,
         )
+    elif name == "l2p":
+        from cl_hres.nn.prompt_pool import PromptPoolViT
+
+        model = PromptPoolViT(
+            vit,
+            method="l2p",
+            method_config=L2PConfig(),
+            expert_per_experience=False,
+            num_classes=num_classes,
+        )
     else:  # floor and linear
         model = ContinualViT(vit, method="linear", num_classes=num_classes)
     model.to(device)
@@ -208,7 +218,7 @@ def _train_figures(b: _Bench) -> dict[str, dict[str, Any]]:
     """One training step per method, against the floor (forward + backward to the input)."""
     cfg, dev, num_classes = b.cfg, b.dev, b.num_classes
     train = {}
-    for name in ("linear", "floor", "hres", "hres-nsp", "lora", "vpt-deep-10"):
+    for name in ("linear", "floor", "hres", "hres-nsp", "lora", "vpt-deep-10", "l2p"):
         model = _method_model(name, cfg, dev, num_classes)
         params = model.trainable_parameters()
         opt = torch.optim.AdamW(params, lr=1e-4)
@@ -229,6 +239,9 @@ def _train_figures(b: _Bench) -> dict[str, dict[str, Any]]:
             opt.zero_grad(set_to_none=True)
             with b.amp:
                 loss = nn.functional.cross_entropy(model(inp).float(), b.y)
+            extra = model.auxiliary_loss()  # L2P's key matching; None for the others
+            if extra is not None:
+                loss = loss + extra.float()
             loss.backward()
             if guard is not None:
                 guard.step(opt)
