@@ -175,6 +175,7 @@ for _name, _config, _attach in (
     ("lora", "LoRAConfig", f"{_ADAPTERS}:add_lora_experts"),
     ("vpt", "VPTConfig", f"{_PROMPTS}:attach_vpt_prompts"),
     ("l2p", "L2PConfig", "cl_hres.nn.prompt_pool:attach_prompt_pool"),
+    ("dualprompt", "DualPromptConfig", "cl_hres.nn.dual_prompt:attach_dual_prompt"),
 ):
     register_method(MethodSpec(_name, f"{_CONFIGS}:{_config}", _attach, switchable=True))
 register_method(MethodSpec("linear"))
@@ -229,6 +230,14 @@ for _spec in (
         "Learning to Prompt: a prompt pool, prompts chosen by key matching (Wang et al. 2022)",
         method="l2p",
         strategy_class=f"{_S}:L2P",
+        expert_per_experience=False,
+    ),
+    StrategySpec(
+        "dualprompt",
+        "DualPrompt: a shared G-prompt and an E-prompt per experience, by prefix-tuning "
+        "(Wang et al. 2022)",
+        method="dualprompt",
+        strategy_class=f"{_S}:DualPrompt",
         expert_per_experience=False,
     ),
     StrategySpec(

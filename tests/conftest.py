@@ -10,8 +10,10 @@ import torch
 from _helpers import TINY, make_vit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast instead of retrying the hub
-# The suite's budget is set on 2 cores; OMP_NUM_THREADS (e.g. 1 on a shared machine) wins.
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+# The suite's budget is set on 2 cores: 2 threads in one process, or 1 in each of
+# pytest-xdist's workers (-n 2); OMP_NUM_THREADS (e.g. 1 on a shared machine) wins.
+_threads = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", _threads)))
 
 
 class TinyRun(NamedTuple):

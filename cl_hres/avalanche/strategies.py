@@ -13,6 +13,7 @@ from avalanche.training.templates import SupervisedTemplate
 
 from cl_hres import registry
 from cl_hres.avalanche.template import ViTTemplate
+from cl_hres.nn.dual_prompt import DualPromptViT
 from cl_hres.nn.prompt_pool import PromptPoolViT
 from cl_hres.nn.routing import RoutedExpertsViT
 from cl_hres.nn.views import ExpertViewsViT
@@ -20,6 +21,7 @@ from cl_hres.nn.views import ExpertViewsViT
 __all__ = [
     "STRATEGIES",
     "FineTune",
+    "DualPrompt",
     "ExpertViews",
     "RoutedExperts",
     "FirstSessionAdaptation",
@@ -126,6 +128,13 @@ class L2P(ViTTemplate):
     """
 
     model_class = PromptPoolViT
+
+
+@_from_registry("dualprompt")
+class DualPrompt(ViTTemplate):
+    """DualPrompt: a shared G-prompt, an E-prompt per experience chosen by key at test time."""
+
+    model_class = DualPromptViT
 
 
 @_from_registry("linear")

@@ -164,6 +164,12 @@ _GROUPS: list[tuple[str, str, list[tuple[str, str, Any]]]] = [
             ("--l2p-length", "l2p_length", int),
             ("--l2p-top-k", "l2p_top_k", int),
             ("--l2p-key-loss-weight", "l2p_key_loss_weight", float),
+            ("--dualprompt-g-length", "dualprompt_g_length", int),
+            ("--dualprompt-g-blocks", "dualprompt_g_blocks", str),
+            ("--dualprompt-e-length", "dualprompt_e_length", int),
+            ("--dualprompt-e-blocks", "dualprompt_e_blocks", str),
+            ("--dualprompt-pool-size", "dualprompt_pool_size", int),
+            ("--dualprompt-key-loss-weight", "dualprompt_key_loss_weight", float),
         ],
     ),
     (

@@ -16,6 +16,7 @@ from cl_hres.errors import ConfigError
 __all__ = [
     "check_model_arguments",
     "HEAD_CHOICES",
+    "DualPromptConfig",
     "HResConfig",
     "L2PConfig",
     "LoRAConfig",
@@ -133,6 +134,48 @@ class L2PConfig:
                 f"l2p top_k ({self.top_k}) cannot exceed pool_size ({self.pool_size})"
             )
         check_finite_nonneg("l2p key_loss_weight", self.key_loss_weight)
+
+
+@dataclass
+class DualPromptConfig:
+    """DualPrompt (Wang et al., ECCV 2022): a shared G-prompt and one E-prompt per task.
+
+    Prefix-tuning (the paper's best variant): a prompt of length L gives L key and L value
+    tokens to a block's attention. Defaults are the paper's: G-prompt length 5 in blocks
+    0-1, E-prompts of length 20 in blocks 2-4, one E-prompt per experience (pool of 10),
+    key-matching weight 1. Blocks beyond the ViT's depth are left out.
+    """
+
+    g_length: int = field(default=5, metadata={"help": "G-prompt length (L_g)."})
+    g_blocks: str = field(default="0,1", metadata={"help": "Blocks with the G-prompt."})
+    e_length: int = field(default=20, metadata={"help": "E-prompt length (L_e)."})
+    e_blocks: str = field(default="2,3,4", metadata={"help": "Blocks with the E-prompts."})
+    pool_size: int = field(
+        default=10, metadata={"help": "E-prompts (at least the stream's experiences)."}
+    )
+    key_loss_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the key-query matching loss (lambda)."}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("g_length", "e_length", "pool_size"):
+            check_positive_int(f"dualprompt {name}", getattr(self, name))
+        check_finite_nonneg("dualprompt key_loss_weight", self.key_loss_weight)
+        for name in ("g_blocks", "e_blocks"):
+            parse_blocks(f"dualprompt {name}", getattr(self, name))
+        if set(parse_blocks("", self.g_blocks)) & set(parse_blocks("", self.e_blocks)):
+            raise ConfigError("dualprompt g_blocks and e_blocks must not share a block")
+
+
+def parse_blocks(name: str, value: str) -> tuple[int, ...]:
+    """``"0,1"`` -> ``(0, 1)``; ConfigError naming ``name`` for anything else."""
+    try:
+        blocks = tuple(int(b) for b in str(value).split(",") if b.strip() != "")
+    except ValueError:
+        raise ConfigError(f"{name} must be comma-separated block indices, got {value!r}") from None
+    if not blocks or any(b < 0 for b in blocks) or len(set(blocks)) != len(blocks):
+        raise ConfigError(f"{name} must name distinct blocks >= 0, got {value!r}")
+    return blocks
 
 
 def check_model_arguments(

@@ -11,7 +11,7 @@ from typing import Any
 
 from cl_hres import registry
 from cl_hres.errors import ConfigError
-from cl_hres.nn.config import HResConfig, L2PConfig, LoRAConfig, VPTConfig
+from cl_hres.nn.config import DualPromptConfig, HResConfig, L2PConfig, LoRAConfig, VPTConfig
 from cl_hres.nsp.config import NullSpaceConfig
 from cl_hres.run.validation import validate
 
@@ -202,6 +202,12 @@ class RunConfig:
     l2p_length: int = _mirror(L2PConfig, "length")
     l2p_top_k: int = _mirror(L2PConfig, "top_k")
     l2p_key_loss_weight: float = _mirror(L2PConfig, "key_loss_weight")
+    dualprompt_g_length: int = _mirror(DualPromptConfig, "g_length")
+    dualprompt_g_blocks: str = _mirror(DualPromptConfig, "g_blocks")
+    dualprompt_e_length: int = _mirror(DualPromptConfig, "e_length")
+    dualprompt_e_blocks: str = _mirror(DualPromptConfig, "e_blocks")
+    dualprompt_pool_size: int = _mirror(DualPromptConfig, "pool_size")
+    dualprompt_key_loss_weight: float = _mirror(DualPromptConfig, "key_loss_weight")
     validation: float = field(
         default=0.0, metadata={"help": "Train fraction held out as the evaluation set."}
     )
@@ -281,6 +287,10 @@ class RunConfig:
         """The L2P config these options describe."""
         return self._mirrored(L2PConfig)
 
+    def dualprompt_config(self) -> DualPromptConfig:
+        """The DualPrompt config these options describe."""
+        return self._mirrored(DualPromptConfig)
+
     def nsp_config(self) -> NullSpaceConfig:
         """The null-space rule these options describe."""
         return self._mirrored(NullSpaceConfig)
@@ -315,6 +325,7 @@ class RunConfig:
             LoRAConfig: self.lora_config,
             VPTConfig: self.vpt_config,
             L2PConfig: self.l2p_config,
+            DualPromptConfig: self.dualprompt_config,
         }
         if config_type is None:
             return None

@@ -115,4 +115,5 @@ def validate(cfg: Any) -> None:
     cfg.lora_config()
     cfg.vpt_config()
     cfg.l2p_config()
+    cfg.dualprompt_config()
     cfg.nsp_config()
