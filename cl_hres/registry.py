@@ -176,6 +176,7 @@ for _name, _config, _attach in (
     ("vpt", "VPTConfig", f"{_PROMPTS}:attach_vpt_prompts"),
     ("l2p", "L2PConfig", "cl_hres.nn.prompt_pool:attach_prompt_pool"),
     ("dualprompt", "DualPromptConfig", "cl_hres.nn.dual_prompt:attach_dual_prompt"),
+    ("coda-prompt", "CodaPromptConfig", "cl_hres.nn.coda_prompt:attach_coda_prompt"),
 ):
     register_method(MethodSpec(_name, f"{_CONFIGS}:{_config}", _attach, switchable=True))
 register_method(MethodSpec("linear"))
@@ -238,6 +239,14 @@ for _spec in (
         "(Wang et al. 2022)",
         method="dualprompt",
         strategy_class=f"{_S}:DualPrompt",
+        expert_per_experience=False,
+    ),
+    StrategySpec(
+        "coda-prompt",
+        "CODA-Prompt: prompts from attention-weighted components, new ones per experience "
+        "(Smith et al. 2023)",
+        method="coda-prompt",
+        strategy_class=f"{_S}:CodaPrompt",
         expert_per_experience=False,
     ),
     StrategySpec(

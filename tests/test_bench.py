@@ -24,6 +24,8 @@ def test_bench_tiny_writes_every_figure(tmp_path, capsys):
         "lora",
         "vpt-deep-10",
         "l2p",
+        "dualprompt",
+        "coda-prompt",
     }
     for row in res["train"].values():
         assert row["images_per_s"] > 0 and row["ratio_to_floor"] > 0

@@ -72,7 +72,7 @@ def test_tensorboard_has_forgetting_scalars(tiny_run):
 def test_compare_runs_every_strategy(tmp_path, scenario):
     out = tmp_path / "cmp"
     # Every method in class-IL; the task-IL head protocol needs one of each kind of run.
-    names = ["hres-nsp", "lora", "vpt", "l2p", "dualprompt", "linear", "joint"]
+    names = ["hres-nsp", "lora", "vpt", "l2p", "dualprompt", "coda-prompt", "linear", "joint"]
     if scenario == "task":
         names = ["hres-nsp", "linear", "joint"]
     argv = ["compare", "--strategies", ",".join(names), "--scenario", scenario, "--out", str(out)]

@@ -12,7 +12,7 @@ from cl_hres.nn.dual_prompt import DualPromptViT, PrefixAttention
 
 
 def _model(width: int = 48, **config) -> DualPromptViT:
-    cfg = DualPromptConfig(g_blocks="0", e_blocks="1", g_length=2, e_length=3, **config)
+    cfg = DualPromptConfig(g_blocks=(0,), e_blocks=(1,), g_length=2, e_length=3, **config)
     vit = make_vit(embed_dim=width, num_heads=4)
     return DualPromptViT(vit, method="dualprompt", method_config=cfg, expert_per_experience=False)
 
@@ -81,4 +81,4 @@ def test_key_loss_pulls_the_current_key_and_the_pool_bounds_the_stream():
     with pytest.raises(ConfigError, match="2 E-prompts"):
         model.begin_experience([([4, 5], [0])])
     with pytest.raises(ConfigError, match="must not share a block"):
-        DualPromptConfig(g_blocks="0,1", e_blocks="1,2")
+        DualPromptConfig(g_blocks=(0, 1), e_blocks=(1, 2))

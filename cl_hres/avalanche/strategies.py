@@ -13,6 +13,7 @@ from avalanche.training.templates import SupervisedTemplate
 
 from cl_hres import registry
 from cl_hres.avalanche.template import ViTTemplate
+from cl_hres.nn.coda_prompt import CodaPromptViT
 from cl_hres.nn.dual_prompt import DualPromptViT
 from cl_hres.nn.prompt_pool import PromptPoolViT
 from cl_hres.nn.routing import RoutedExpertsViT
@@ -21,6 +22,7 @@ from cl_hres.nn.views import ExpertViewsViT
 __all__ = [
     "STRATEGIES",
     "FineTune",
+    "CodaPrompt",
     "DualPrompt",
     "ExpertViews",
     "RoutedExperts",
@@ -135,6 +137,13 @@ class DualPrompt(ViTTemplate):
     """DualPrompt: a shared G-prompt, an E-prompt per experience chosen by key at test time."""
 
     model_class = DualPromptViT
+
+
+@_from_registry("coda-prompt")
+class CodaPrompt(ViTTemplate):
+    """CODA-Prompt: each block's prompt a query-weighted sum of components, new per experience."""
+
+    model_class = CodaPromptViT
 
 
 @_from_registry("linear")

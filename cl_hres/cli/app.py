@@ -166,13 +166,14 @@ def _print_summary(rows: dict[str, dict[str, Any]]) -> None:
     def drift(v: float | None) -> str:
         return "–" if v is None else f"{v:.3g}"
 
+    w = max([10, *(len(name) for name in rows)])
     print(
-        f"{'strategy':<10} {'final acc':>9} {'avg inc':>8} {'forget':>7} {'BWT':>7} {'FWT':>7} "
+        f"{'strategy':<{w}} {'final acc':>9} {'avg inc':>8} {'forget':>7} {'BWT':>7} {'FWT':>7} "
         f"{'drift':>8}"
     )
     for name, r in rows.items():
         print(
-            f"{name:<10} {pct(r['final_average_accuracy']):>9} {pct(r['average_incremental_accuracy']):>8} "
+            f"{name:<{w}} {pct(r['final_average_accuracy']):>9} {pct(r['average_incremental_accuracy']):>8} "
             f"{pct(r['forgetting']):>7} {pct(r['bwt']):>7} {pct(r['fwt']):>7} "
             f"{drift(r.get('final_feature_drift')):>8}"
         )

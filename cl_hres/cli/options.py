@@ -170,6 +170,11 @@ _GROUPS: list[tuple[str, str, list[tuple[str, str, Any]]]] = [
             ("--dualprompt-e-blocks", "dualprompt_e_blocks", str),
             ("--dualprompt-pool-size", "dualprompt_pool_size", int),
             ("--dualprompt-key-loss-weight", "dualprompt_key_loss_weight", float),
+            ("--coda-prompt-pool-size", "coda_prompt_pool_size", int),
+            ("--coda-prompt-length", "coda_prompt_length", int),
+            ("--coda-prompt-blocks", "coda_prompt_blocks", str),
+            ("--coda-prompt-tasks", "coda_prompt_tasks", int),
+            ("--coda-prompt-ortho-weight", "coda_prompt_ortho_weight", float),
         ],
     ),
     (

@@ -37,7 +37,14 @@ import torch
 from torch import nn
 
 from cl_hres.commands.bench_data import data_figures
-from cl_hres.nn.config import DualPromptConfig, HResConfig, L2PConfig, LoRAConfig, VPTConfig
+from cl_hres.nn.config import (
+    CodaPromptConfig,
+    DualPromptConfig,
+    HResConfig,
+    L2PConfig,
+    LoRAConfig,
+    VPTConfig,
+)
 from cl_hres.nn.model import ContinualViT
 from cl_hres.nsp.config import NullSpaceConfig
 from cl_hres.nsp.guard import NullSpaceGuard, PlasticityWarning
@@ -154,6 +161,16 @@ def _method_model(
             expert_per_experience=False,
             num_classes=num_classes,
         )
+    elif name == "coda-prompt":
+        from cl_hres.nn.coda_prompt import CodaPromptViT
+
+        model = CodaPromptViT(
+            vit,
+            method="coda-prompt",
+            method_config=CodaPromptConfig(),
+            expert_per_experience=False,
+            num_classes=num_classes,
+        )
     else:  # floor and linear
         model = ContinualViT(vit, method="linear", num_classes=num_classes)
     model.to(device)
@@ -228,7 +245,17 @@ def _train_figures(b: _Bench) -> dict[str, dict[str, Any]]:
     """One training step per method, against the floor (forward + backward to the input)."""
     cfg, dev, num_classes = b.cfg, b.dev, b.num_classes
     train = {}
-    for name in ("linear", "floor", "hres", "hres-nsp", "lora", "vpt-deep-10", "l2p", "dualprompt"):
+    for name in (
+        "linear",
+        "floor",
+        "hres",
+        "hres-nsp",
+        "lora",
+        "vpt-deep-10",
+        "l2p",
+        "dualprompt",
+        "coda-prompt",
+    ):
         model = _method_model(name, cfg, dev, num_classes)
         params = model.trainable_parameters()
         opt = torch.optim.AdamW(params, lr=1e-4)

@@ -16,6 +16,7 @@ from cl_hres.errors import ConfigError
 __all__ = [
     "check_model_arguments",
     "HEAD_CHOICES",
+    "CodaPromptConfig",
     "DualPromptConfig",
     "HResConfig",
     "L2PConfig",
@@ -147,9 +148,13 @@ class DualPromptConfig:
     """
 
     g_length: int = field(default=5, metadata={"help": "G-prompt length (L_g)."})
-    g_blocks: str = field(default="0,1", metadata={"help": "Blocks with the G-prompt."})
+    g_blocks: tuple[int, ...] = field(
+        default=(0, 1), metadata={"help": "Blocks with the G-prompt."}
+    )
     e_length: int = field(default=20, metadata={"help": "E-prompt length (L_e)."})
-    e_blocks: str = field(default="2,3,4", metadata={"help": "Blocks with the E-prompts."})
+    e_blocks: tuple[int, ...] = field(
+        default=(2, 3, 4), metadata={"help": "Blocks with the E-prompts."}
+    )
     pool_size: int = field(
         default=10, metadata={"help": "E-prompts (at least the stream's experiences)."}
     )
@@ -161,21 +166,41 @@ class DualPromptConfig:
         for name in ("g_length", "e_length", "pool_size"):
             check_positive_int(f"dualprompt {name}", getattr(self, name))
         check_finite_nonneg("dualprompt key_loss_weight", self.key_loss_weight)
-        for name in ("g_blocks", "e_blocks"):
-            parse_blocks(f"dualprompt {name}", getattr(self, name))
-        if set(parse_blocks("", self.g_blocks)) & set(parse_blocks("", self.e_blocks)):
+        self.g_blocks = _check_blocks(self.g_blocks)
+        self.e_blocks = _check_blocks(self.e_blocks)
+        if set(self.g_blocks) & set(self.e_blocks):
             raise ConfigError("dualprompt g_blocks and e_blocks must not share a block")
 
 
-def parse_blocks(name: str, value: str) -> tuple[int, ...]:
-    """``"0,1"`` -> ``(0, 1)``; ConfigError naming ``name`` for anything else."""
-    try:
-        blocks = tuple(int(b) for b in str(value).split(",") if b.strip() != "")
-    except ValueError:
-        raise ConfigError(f"{name} must be comma-separated block indices, got {value!r}") from None
-    if not blocks or any(b < 0 for b in blocks) or len(set(blocks)) != len(blocks):
-        raise ConfigError(f"{name} must name distinct blocks >= 0, got {value!r}")
-    return blocks
+@dataclass
+class CodaPromptConfig:
+    """CODA-Prompt (Smith et al., CVPR 2023): prompts as attention-weighted components.
+
+    Defaults are the paper's: 100 components of length 8 in blocks 0-4 (prefix-tuning,
+    half keys, half values), split evenly over ``tasks`` experiences, each experience's
+    new components initialised orthogonal to the earlier ones (Gram-Schmidt);
+    ``ortho_weight`` > 0 adds the paper's orthogonality penalty.
+    """
+
+    pool_size: int = field(default=100, metadata={"help": "Prompt components in all (M)."})
+    length: int = field(default=8, metadata={"help": "Prefix length per component (even)."})
+    blocks: tuple[int, ...] = field(default=(0, 1, 2, 3, 4), metadata={"help": "Prompted blocks."})
+    tasks: int = field(default=10, metadata={"help": "Experiences the components are split over."})
+    ortho_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the orthogonality penalty."}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("pool_size", "length", "tasks"):
+            check_positive_int(f"coda_prompt {name}", getattr(self, name))
+        if self.length % 2:
+            raise ConfigError(f"coda_prompt length must be even (keys + values), got {self.length}")
+        if self.pool_size < self.tasks:
+            raise ConfigError(
+                f"coda_prompt pool_size ({self.pool_size}) must be at least tasks ({self.tasks})"
+            )
+        check_finite_nonneg("coda_prompt ortho_weight", self.ortho_weight)
+        self.blocks = _check_blocks(self.blocks)
 
 
 def check_model_arguments(

@@ -21,7 +21,7 @@ from torch import nn
 from cl_hres.errors import ConfigError
 from cl_hres.nn.adapters import check_vit
 from cl_hres.nn.base import Adapter, placement
-from cl_hres.nn.config import DualPromptConfig, parse_blocks
+from cl_hres.nn.config import DualPromptConfig
 from cl_hres.nn.experts import ExpertBank
 from cl_hres.nn.model import ContinualViT
 
@@ -112,8 +112,8 @@ def attach_dual_prompt(vit: nn.Module, config: DualPromptConfig) -> list[ExpertB
     """Wraps the attention of the prompted blocks and adds the pool as ``vit.dual_prompt``."""
     vit = check_vit(vit)
     depth = len(vit.blocks)
-    g_blocks = [b for b in parse_blocks("g_blocks", config.g_blocks) if b < depth]
-    e_blocks = [b for b in parse_blocks("e_blocks", config.e_blocks) if b < depth]
+    g_blocks = [b for b in config.g_blocks if b < depth]
+    e_blocks = [b for b in config.e_blocks if b < depth]
     if not g_blocks and not e_blocks:
         raise ConfigError(f"dualprompt: no prompted block within the ViT's {depth} blocks")
     device, dtype = placement(vit)

@@ -11,7 +11,14 @@ from typing import Any
 
 from cl_hres import registry
 from cl_hres.errors import ConfigError
-from cl_hres.nn.config import DualPromptConfig, HResConfig, L2PConfig, LoRAConfig, VPTConfig
+from cl_hres.nn.config import (
+    CodaPromptConfig,
+    DualPromptConfig,
+    HResConfig,
+    L2PConfig,
+    LoRAConfig,
+    VPTConfig,
+)
 from cl_hres.nsp.config import NullSpaceConfig
 from cl_hres.run.validation import validate
 
@@ -79,7 +86,7 @@ def _mirror(config_type: type, name: str) -> Any:
     default = source.default
     if isinstance(default, tuple):
         default = ",".join(str(v) for v in default)
-    element = {"blocks": int, "targets": str}.get(name)
+    element = {"blocks": int, "g_blocks": int, "e_blocks": int, "targets": str}.get(name)
     return field(
         default=default,
         metadata={"help": source.metadata["help"], "mirrors": (config_type, name, element)},
@@ -208,6 +215,11 @@ class RunConfig:
     dualprompt_e_blocks: str = _mirror(DualPromptConfig, "e_blocks")
     dualprompt_pool_size: int = _mirror(DualPromptConfig, "pool_size")
     dualprompt_key_loss_weight: float = _mirror(DualPromptConfig, "key_loss_weight")
+    coda_prompt_pool_size: int = _mirror(CodaPromptConfig, "pool_size")
+    coda_prompt_length: int = _mirror(CodaPromptConfig, "length")
+    coda_prompt_blocks: str = _mirror(CodaPromptConfig, "blocks")
+    coda_prompt_tasks: int = _mirror(CodaPromptConfig, "tasks")
+    coda_prompt_ortho_weight: float = _mirror(CodaPromptConfig, "ortho_weight")
     validation: float = field(
         default=0.0, metadata={"help": "Train fraction held out as the evaluation set."}
     )
@@ -291,6 +303,10 @@ class RunConfig:
         """The DualPrompt config these options describe."""
         return self._mirrored(DualPromptConfig)
 
+    def coda_prompt_config(self) -> CodaPromptConfig:
+        """The CODA-Prompt config these options describe."""
+        return self._mirrored(CodaPromptConfig)
+
     def nsp_config(self) -> NullSpaceConfig:
         """The null-space rule these options describe."""
         return self._mirrored(NullSpaceConfig)
@@ -326,6 +342,7 @@ class RunConfig:
             VPTConfig: self.vpt_config,
             L2PConfig: self.l2p_config,
             DualPromptConfig: self.dualprompt_config,
+            CodaPromptConfig: self.coda_prompt_config,
         }
         if config_type is None:
             return None

@@ -116,4 +116,5 @@ def validate(cfg: Any) -> None:
     cfg.vpt_config()
     cfg.l2p_config()
     cfg.dualprompt_config()
+    cfg.coda_prompt_config()
     cfg.nsp_config()
