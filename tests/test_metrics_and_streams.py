@@ -58,7 +58,8 @@ def test_streams_hold_all_classes_in_seeded_order(scenario):
 def test_every_recipe_is_a_valid_config():
     from pathlib import Path
 
-    from cl_hres.run.config import RunConfig, load_yaml_config
+    from cl_hres.run.config import RunConfig
+    from cl_hres.run.recipes import load_yaml_config
 
     root = Path(__file__).parents[1]
     recipes = sorted([*root.glob("strategies/*.yaml"), *root.glob("benchmarks/*.yaml")])

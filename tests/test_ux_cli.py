@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 
 from cl_hres.cli import app as cli
-from cl_hres.run.config import RunConfig, load_yaml_config
+from cl_hres.run.config import RunConfig
+from cl_hres.run.recipes import load_yaml_config
 
 
 def _help(capsys, *argv: str) -> str:
@@ -54,7 +55,7 @@ def test_top_level_compare_bench_analyze_help(capsys):
     assert "`" not in top and "run" in top and "compare" in top
     assert "hres-nsp, hres" in _help(capsys, "compare")
     bench = _help(capsys, "bench")
-    assert "(default: tiny)" in bench and "(default: 5)" in bench and "(default: cpu)" in bench
+    assert "(default: tiny)" in bench and "(default: 5)" in bench and "(default: auto)" in bench
     assert "(default: 256)" in _help(capsys, "analyze")
 
 

@@ -138,9 +138,9 @@ def _config_from_args(args: argparse.Namespace) -> Any:
         RESUMABLE_KEYS,
         RunConfig,
         changed_on_resume,
-        load_yaml_config,
         with_legacy_defaults,
     )
+    from cl_hres.run.recipes import load_yaml_config
 
     values: dict[str, Any] = load_yaml_config(args.config) if args.config else {}
     given = {dest: getattr(args, dest, None) for dest in _RUN_FIELDS}

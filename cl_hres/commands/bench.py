@@ -38,10 +38,7 @@ from torch import nn
 
 from cl_hres.commands.bench_data import data_figures
 from cl_hres.nn.config import (
-    CodaPromptConfig,
-    DualPromptConfig,
     HResConfig,
-    L2PConfig,
     LoRAConfig,
     VPTConfig,
 )
@@ -115,64 +112,39 @@ def _lora_rank_for_equal_budget(cfg: BenchConfig) -> int:
     return max(1, round(2 * cfg.rank / 6))
 
 
+# Each timed method: the registered strategy whose model it is, and its method config
+# (None: the method's defaults).
+_TIMED: dict[str, tuple[str, Callable[[BenchConfig], Any] | None]] = {
+    "linear": ("linear", None),
+    "floor": ("linear", None),
+    "hres": ("hres", lambda cfg: HResConfig(rank=cfg.rank)),
+    "hres-nsp": ("hres-nsp", lambda cfg: HResConfig(rank=cfg.rank)),
+    "lora": (
+        "lora",
+        lambda cfg: LoRAConfig(
+            rank=_lora_rank_for_equal_budget(cfg), alpha=2.0 * _lora_rank_for_equal_budget(cfg)
+        ),
+    ),
+    "vpt-deep-10": ("vpt", lambda cfg: VPTConfig(length=10, deep=True)),
+    "l2p": ("l2p", None),
+    "dualprompt": ("dualprompt", None),
+    "coda-prompt": ("coda-prompt", None),
+}
+
+
 def _method_model(
     name: str, cfg: BenchConfig, device: torch.device, num_classes: int
 ) -> ContinualViT:
-    vit = _backbone(cfg, device)
-    if name in ("hres", "hres-nsp"):
-        model = ContinualViT(
-            vit, method="hres", method_config=HResConfig(rank=cfg.rank), num_classes=num_classes
-        )
-    elif name == "lora":
-        lcfg = LoRAConfig(
-            rank=_lora_rank_for_equal_budget(cfg), alpha=2.0 * _lora_rank_for_equal_budget(cfg)
-        )
-        model = ContinualViT(
-            vit,
-            method="lora",
-            method_config=lcfg,
-            expert_per_experience=False,
-            num_classes=num_classes,
-        )
-    elif name == "vpt-deep-10":
-        model = ContinualViT(
-            vit,
-            method="vpt",
-            method_config=VPTConfig(length=10, deep=True),
-            num_classes=num_classes,
-        )
-    elif name == "l2p":
-        from cl_hres.nn.prompt_pool import PromptPoolViT
+    """The model of ``name`` as its strategy builds it, adapted features only."""
+    from cl_hres.avalanche.strategies import strategy_class
 
-        model = PromptPoolViT(
-            vit,
-            method="l2p",
-            method_config=L2PConfig(),
-            expert_per_experience=False,
-            num_classes=num_classes,
-        )
-    elif name == "dualprompt":
-        from cl_hres.nn.dual_prompt import DualPromptViT
-
-        model = DualPromptViT(
-            vit,
-            method="dualprompt",
-            method_config=DualPromptConfig(),
-            expert_per_experience=False,
-            num_classes=num_classes,
-        )
-    elif name == "coda-prompt":
-        from cl_hres.nn.coda_prompt import CodaPromptViT
-
-        model = CodaPromptViT(
-            vit,
-            method="coda-prompt",
-            method_config=CodaPromptConfig(),
-            expert_per_experience=False,
-            num_classes=num_classes,
-        )
-    else:  # floor and linear
-        model = ContinualViT(vit, method="linear", num_classes=num_classes)
+    strategy, make_config = _TIMED[name]
+    model = strategy_class(strategy).build_model(
+        _backbone(cfg, device),
+        method_config=make_config(cfg) if make_config else None,
+        concat_pretrained=False,
+        num_classes=num_classes,
+    )
     model.to(device)
     model.begin_experience([(list(range(num_classes)), [0])])
     return model.to(device)
@@ -241,42 +213,34 @@ def run_bench(
     return results
 
 
+def _second_experience_under_nsp(model: ContinualViT, b: _Bench) -> NullSpaceGuard:
+    """Collects one image's statistics, then starts a second expert, projected by the guard."""
+    guard = NullSpaceGuard(model.banks, NullSpaceConfig())
+    with torch.no_grad():
+        model.eval()
+        # One image's tokens (fewer than the width) leave every bank a null space; the
+        # whole batch would span it, and a bank without one takes no expert.
+        guard.collect(model.features, [b.x[:1]])
+        model.train()
+    model.begin_experience([(list(range(b.num_classes)), [0])])  # a second expert to train
+    return guard
+
+
 def _train_figures(b: _Bench) -> dict[str, dict[str, Any]]:
     """One training step per method, against the floor (forward + backward to the input)."""
     cfg, dev, num_classes = b.cfg, b.dev, b.num_classes
     train = {}
-    for name in (
-        "linear",
-        "floor",
-        "hres",
-        "hres-nsp",
-        "lora",
-        "vpt-deep-10",
-        "l2p",
-        "dualprompt",
-        "coda-prompt",
-    ):
+    for name in _TIMED:
         model = _method_model(name, cfg, dev, num_classes)
-        params = model.trainable_parameters()
-        opt = torch.optim.AdamW(params, lr=1e-4)
-        guard = None
-        if name == "hres-nsp":
-            guard = NullSpaceGuard(model.banks, NullSpaceConfig())
-            with torch.no_grad():
-                model.eval()
-                # One image's tokens (fewer than the width) leave every bank a null space;
-                # the whole batch would span it, and a bank without one takes no expert.
-                guard.collect(model.features, [b.x[:1]])
-                model.train()
-            model.begin_experience([(list(range(num_classes)), [0])])  # a second expert to train
-            opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+        guard = _second_experience_under_nsp(model, b) if name == "hres-nsp" else None
+        opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
         inp = b.x.clone().requires_grad_(name == "floor")
 
         def step(model=model, opt=opt, guard=guard, inp=inp) -> None:
             opt.zero_grad(set_to_none=True)
             with b.amp:
                 loss = nn.functional.cross_entropy(model(inp).float(), b.y)
-            extra = model.auxiliary_loss()  # L2P's key matching; None for the others
+            extra = model.auxiliary_loss()  # the prompt methods' own terms; None for most
             if extra is not None:
                 loss = loss + extra.float()
             loss.backward()

@@ -6,7 +6,6 @@ import dataclasses
 import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from cl_hres import registry
@@ -28,7 +27,6 @@ __all__ = [
     "RESUMABLE_KEYS",
     "RunConfig",
     "changed_on_resume",
-    "load_yaml_config",
 ]
 
 # Options a resumed run may change: where it runs and reads, not what it learns.
@@ -295,18 +293,6 @@ class RunConfig:
         """The VPT config these options describe."""
         return self._mirrored(VPTConfig)
 
-    def l2p_config(self) -> L2PConfig:
-        """The L2P config these options describe."""
-        return self._mirrored(L2PConfig)
-
-    def dualprompt_config(self) -> DualPromptConfig:
-        """The DualPrompt config these options describe."""
-        return self._mirrored(DualPromptConfig)
-
-    def coda_prompt_config(self) -> CodaPromptConfig:
-        """The CODA-Prompt config these options describe."""
-        return self._mirrored(CodaPromptConfig)
-
     def nsp_config(self) -> NullSpaceConfig:
         """The null-space rule these options describe."""
         return self._mirrored(NullSpaceConfig)
@@ -336,17 +322,14 @@ class RunConfig:
     def method_config(self) -> Any:
         """The config the chosen strategy's method takes (its defaults for a new method)."""
         config_type = self.spec.method_spec.config_class
-        built_from_options = {
-            HResConfig: self.hres_config,
-            LoRAConfig: self.lora_config,
-            VPTConfig: self.vpt_config,
-            L2PConfig: self.l2p_config,
-            DualPromptConfig: self.dualprompt_config,
-            CodaPromptConfig: self.coda_prompt_config,
-        }
-        if config_type is None:
-            return None
-        return built_from_options.get(config_type, config_type)()
+        return None if config_type is None else self._mirrored(config_type)
+
+    def mirrored_configs(self) -> list[Any]:
+        """Every method and NSP config the options describe (each validates itself)."""
+        types = dict.fromkeys(
+            f.metadata["mirrors"][0] for f in dataclasses.fields(self) if "mirrors" in f.metadata
+        )
+        return [self._mirrored(t) for t in types]
 
     def backbone_arguments(self, channels: int) -> dict[str, Any]:
         """Keyword arguments of :func:`~cl_hres.nn.backbones.create_backbone`.
@@ -384,38 +367,3 @@ class RunConfig:
             return cls(**values)
         except TypeError as exc:  # e.g. a list where a string is expected
             raise ConfigError(f"{source}: {exc}") from None
-
-
-def load_yaml_config(path: str | Path) -> dict[str, Any]:
-    """Reads a YAML run recipe into a dict (keys as in :class:`RunConfig`, ``-`` or ``_``).
-
-    Numbers in exponent notation without a dot (``1e-8``) are floats, as in YAML 1.2;
-    PyYAML's YAML 1.1 resolver would read them as strings.
-    """
-    import re
-
-    import yaml
-
-    class _Loader(yaml.SafeLoader):
-        pass
-
-    # YAML 1.2's float syntax; PyYAML copies the resolver table before adding to a subclass.
-    _Loader.add_implicit_resolver(
-        "tag:yaml.org,2002:float",
-        re.compile(
-            r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$",
-        ),
-        list("-+0123456789."),
-    )
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        values = yaml.load(path.read_text(), Loader=_Loader)  # a SafeLoader: no objects
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a mapping of options at the top level")
-    return {str(k).replace("-", "_"): v for k, v in values.items()}

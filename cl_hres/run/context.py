@@ -241,7 +241,6 @@ def start(
         before_writing: Called on every rank just before ``out`` is first written (the
             runner takes the output lock there).
     """
-    from cl_hres.avalanche.tensorboard import RunTensorboardLogger
     from cl_hres.data.loaders import apply_threads, resolve_loader_settings
 
     started_at = time.perf_counter() if started_at is None else started_at
@@ -255,19 +254,13 @@ def start(
     # the whole stream at once has no experience learned in the stream to compare.
     wants_references = cfg.fwt_reference and not cfg.spec.trains_whole_stream
     pristine = copy.deepcopy(prep.backbone) if wants_references else None
+    # The logger opens its event file on the first event: nothing is written yet.
+    strategy, logger = make_strategy(prep, out / "tensorboard", purge_step=purge_step)
     if before_writing is not None:
         before_writing()
-    strategy, logger = make_strategy(prep, out / "tensorboard", purge_step=purge_step)
     if distributed.rank() == 0:
         _ready_output_dir(out, cfg.to_dict(), fresh=fresh)
     sizes = [len(exp.dataset) for exp in stream.test_stream]
-    # Per-experience curves get their own axis (experiences learned), so strategies compare
-    # point by point and experiences without an SGD step (aper, linear) still advance it.
-    per_experience = (
-        RunTensorboardLogger(out / "tensorboard" / "experiences", purge_step=experience_purge_step)
-        if logger is not None
-        else None
-    )
     return RunContext(
         prep,
         out,
@@ -278,8 +271,23 @@ def start(
         loader,
         started_at,
         test_sizes=sizes,
-        experience_logger=per_experience,
+        experience_logger=_experience_logger(out, logger, experience_purge_step),
     )
+
+
+def _experience_logger(
+    out: Path, logger: RunTensorboardLogger | None, purge_step: int | None
+) -> RunTensorboardLogger | None:
+    """The per-experience TensorBoard logger (where the run logs at all: rank 0).
+
+    Per-experience curves get their own axis (experiences learned), so strategies compare
+    point by point and experiences without an SGD step (aper, linear) still advance it.
+    """
+    from cl_hres.avalanche.tensorboard import RunTensorboardLogger
+
+    if logger is None:
+        return None
+    return RunTensorboardLogger(out / "tensorboard" / "experiences", purge_step=purge_step)
 
 
 def _ready_output_dir(out: Path, config: dict[str, Any], *, fresh: bool) -> None:

@@ -111,10 +111,4 @@ def validate(cfg: Any) -> None:
     cfg.num_workers = parse_num_workers(cfg.num_workers)
     _check_device(cfg.device)
     # The method configs validate their own fields.
-    cfg.hres_config()
-    cfg.lora_config()
-    cfg.vpt_config()
-    cfg.l2p_config()
-    cfg.dualprompt_config()
-    cfg.coda_prompt_config()
-    cfg.nsp_config()
+    cfg.mirrored_configs()
