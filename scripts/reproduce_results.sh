@@ -183,3 +183,19 @@ wait "$side"  # fails the script if the sweeps or the projection comparison fail
 # bound with exact old statistics against exemplar-free imputation and a two-stage head.
 python scripts/subspace_bound.py --seeds 0,1,2,3 --out results/subspace-bound/split-digits > /dev/null
 python scripts/subspace_bound.py --seeds 0,1 --set "{$HO}" --out results/subspace-bound/heldout-fmnist > /dev/null
+
+# 7. The current defaults (class-balanced head), 5 seeds, test split; split-domains is
+# built once into data/ (~25 s). Validation runs that chose hres-routed's routing weight
+# and projection: docs/defaults.md (scripts/routing_weight.py reads a finished run).
+D="--benchmark split-domains --data-root data"
+cl-hres compare $D --strategies hres-routed,ranpac,aper,simplecil,joint,linear --seeds 0,1,2,3,4 \
+  --no-fwt-reference --out results/split-domains-class --overwrite --no-progress > /dev/null
+cl-hres compare $D --strategies hres-nsp --seeds 0,1 --no-fwt-reference \
+  --out results/split-domains-class-hres-nsp --overwrite --no-progress > /dev/null
+cl-hres compare --strategies hres-routed,ranpac,aper,simplecil,hres-nsp,linear,joint,l2p,dualprompt,coda-prompt \
+  --seeds 0,1,2,3,4 --no-fwt-reference --out results/split-digits-class-balanced --overwrite --no-progress > /dev/null
+cl-hres compare --config benchmarks/heldout-fmnist.yaml --strategies hres-routed,aper,ranpac,simplecil \
+  --seeds 0,1,2 --no-fwt-reference --out $H/class-balanced --overwrite --no-progress > /dev/null
+OMP_NUM_THREADS=1 cl-hres bench --config tiny --iters 5 --out results/bench-tiny-prompts > /dev/null
+python scripts/subspace_bound.py --seeds 0 --set '{"benchmark": "split-domains", "data_root": "data"}' \
+  --out results/subspace-bound/split-domains > /dev/null
