@@ -68,13 +68,19 @@ def test_tensorboard_has_forgetting_scalars(tiny_run):
     assert len(acc.Scalars("cl/accuracy_exp000")) == 3
 
 
-@pytest.mark.parametrize("scenario", ["class", "task"])
-def test_compare_runs_every_strategy(tmp_path, scenario):
+# Every method in class-IL (in two groups, so that a parallel run can split them); the
+# task-IL head protocol needs one run of each kind.
+COMPARED = {
+    "class": ["hres-nsp", "lora", "vpt", "linear", "joint"],
+    "class-prompts": ["l2p", "dualprompt", "coda-prompt", "linear"],
+    "task": ["hres-nsp", "linear", "joint"],
+}
+
+
+@pytest.mark.parametrize("group", list(COMPARED))
+def test_compare_runs_every_strategy(tmp_path, group):
     out = tmp_path / "cmp"
-    # Every method in class-IL; the task-IL head protocol needs one of each kind of run.
-    names = ["hres-nsp", "lora", "vpt", "l2p", "dualprompt", "coda-prompt", "linear", "joint"]
-    if scenario == "task":
-        names = ["hres-nsp", "linear", "joint"]
+    names, scenario = COMPARED[group], group.split("-")[0]
     argv = ["compare", "--strategies", ",".join(names), "--scenario", scenario, "--out", str(out)]
     assert main([*argv, "--experiences", "2", *FAST]) == 0
     summary = json.loads((out / "comparison.json").read_text())
@@ -91,10 +97,10 @@ def test_compare_runs_every_strategy(tmp_path, scenario):
     # a sizeable fraction of the distance between classes; joint has no "earlier".
     # relative 1e-6 (the default) keeps an approximate null space: old features move by
     # under a few hundredths of the class spread (exact protection: tests/test_null_space.py).
-    assert drift["linear"] == 0 and drift["hres-nsp"] < 0.05
-    if scenario == "class":
-        assert drift["lora"] > 0.05 and drift["vpt"] > 0.05 and drift["l2p"] > 0.05
-    assert drift["joint"] is None
+    assert drift["linear"] == 0 and drift.get("hres-nsp", 0) < 0.05
+    # lora, vpt and l2p (one pool, retrained by every experience) move old features.
+    assert all(drift[n] > 0.05 for n in ("lora", "vpt", "l2p") if n in drift), drift
+    assert drift.get("joint") is None
     table = (out / "comparison.md").read_text()
     assert "old-feature drift" in table
     assert all(f"| {n} |" in table for n in names)
