@@ -6,7 +6,15 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-import torch
+
+# Under pytest-xdist every worker gets one thread of each pool (torch's OpenMP, BLAS),
+# set before torch loads: 2 workers with 2 spinning threads each would fight over 2 cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 from _helpers import TINY, make_vit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast instead of retrying the hub
