@@ -82,3 +82,16 @@ def test_key_loss_pulls_the_current_key_and_the_pool_bounds_the_stream():
         model.begin_experience([([4, 5], [0])])
     with pytest.raises(ConfigError, match="must not share a block"):
         DualPromptConfig(g_blocks=(0, 1), e_blocks=(1, 2))
+
+
+def test_a_stream_longer_than_the_pool_is_refused_before_training(tmp_path, capsys):
+    from cl_hres.cli.app import main
+
+    out = tmp_path / "out"
+    for option in ("--dualprompt-pool-size", "--coda-prompt-tasks"):
+        strategy = "dualprompt" if "dual" in option else "coda-prompt"
+        argv = ["run", "--strategy", strategy, option, "2", "--experiences", "3"]
+        assert main([*argv, "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("cl-hres: error:") and "room for 2 experiences" in err[-1]
+        assert not out.exists()

@@ -167,6 +167,7 @@ class DualPromptConfig:
             check_positive_int(f"dualprompt {name}", getattr(self, name))
         check_finite_nonneg("dualprompt key_loss_weight", self.key_loss_weight)
         self.g_blocks = _check_blocks(self.g_blocks)
+        self.max_experiences = self.pool_size  # one E-prompt each
         self.e_blocks = _check_blocks(self.e_blocks)
         if set(self.g_blocks) & set(self.e_blocks):
             raise ConfigError("dualprompt g_blocks and e_blocks must not share a block")
@@ -201,6 +202,7 @@ class CodaPromptConfig:
             )
         check_finite_nonneg("coda_prompt ortho_weight", self.ortho_weight)
         self.blocks = _check_blocks(self.blocks)
+        self.max_experiences = self.tasks  # the components are split over them
 
 
 def check_model_arguments(

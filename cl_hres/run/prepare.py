@@ -110,6 +110,14 @@ def prepare(config: RunConfig) -> Prepared:
     )
     order, sizes = _layout(config, data)
     experiences = len(sizes)
+    # Methods with a fixed pool of per-experience parts (DualPrompt, CODA-Prompt) say so
+    # before any training, not when the pool runs out.
+    limit = getattr(config.method_config(), "max_experiences", None)
+    if limit is not None and experiences > limit:
+        raise ConfigError(
+            f"{config.strategy} has room for {limit} experiences (its pool), the stream has "
+            f"{experiences}: raise its pool size / tasks option"
+        )
     kwargs = config.backbone_arguments(data.channels)
     seed_everything(config.seed)
     backbone = create_backbone(
