@@ -75,6 +75,20 @@ class Prepared:
     backbone_info: dict[str, Any]
 
 
+def _check_room(config: RunConfig, experiences: int) -> None:
+    """ConfigError before any training if the method's pool cannot hold the stream.
+
+    Methods with a fixed pool of per-experience parts (DualPrompt, CODA-Prompt) name its
+    size as ``max_experiences`` in their config.
+    """
+    limit = getattr(config.method_config(), "max_experiences", None)
+    if limit is not None and experiences > limit:
+        raise ConfigError(
+            f"{config.strategy} has room for {limit} experiences (its pool), the stream has "
+            f"{experiences}: raise its pool size / tasks option"
+        )
+
+
 def _layout(config: RunConfig, data: SplitData) -> tuple[list[int], list[int]]:
     """Class order and classes per experience; fills the benchmark's experience count."""
     if config.experiences is None and config.initial_classes is None and config.increment is None:
@@ -110,14 +124,7 @@ def prepare(config: RunConfig) -> Prepared:
     )
     order, sizes = _layout(config, data)
     experiences = len(sizes)
-    # Methods with a fixed pool of per-experience parts (DualPrompt, CODA-Prompt) say so
-    # before any training, not when the pool runs out.
-    limit = getattr(config.method_config(), "max_experiences", None)
-    if limit is not None and experiences > limit:
-        raise ConfigError(
-            f"{config.strategy} has room for {limit} experiences (its pool), the stream has "
-            f"{experiences}: raise its pool size / tasks option"
-        )
+    _check_room(config, experiences)
     kwargs = config.backbone_arguments(data.channels)
     seed_everything(config.seed)
     backbone = create_backbone(
