@@ -17,11 +17,13 @@ the features and cannot be mapped this way (their statistics stay as they are).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from cl_hres import distributed
 
-__all__ = ["DriftEstimator", "compensate_head"]
+__all__ = ["DriftEstimator", "compensate_head", "compensate_heads"]
 
 
 class DriftEstimator:
@@ -79,3 +81,21 @@ def compensate_head(head: torch.nn.Module, m: torch.Tensor, b: torch.Tensor) -> 
         ms = m @ total
         head.gram = m @ gram @ m.T + torch.outer(ms, b) + torch.outer(b, ms) + n * torch.outer(b, b)
     return True
+
+
+def compensate_heads(
+    heads: Iterable[torch.nn.Module], before: torch.Tensor, after: torch.Tensor
+) -> None:
+    """Maps every head's statistics through the drift from ``before`` to ``after``.
+
+    Args:
+        heads: Statistics heads (their stored sums and Gram matrices are rewritten).
+        before: Features ``(N, D)`` of the experience's images before training on it.
+        after: The same images' features after training.
+    """
+    estimator = DriftEstimator(before.shape[1], device=before.device)
+    estimator.update(before, after)
+    estimator.combine_ranks()
+    m, b = estimator.solve()
+    for head in heads:
+        compensate_head(head, m, b)

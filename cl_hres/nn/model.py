@@ -203,24 +203,15 @@ class ContinualViT(nn.Module):
         if not (self.drift_compensation and self.has_statistics_pass and self.stats_heads):
             self._features_before = None
             return
-        with evaluating(self):
-            self._features_before = torch.cat(
-                [self.features(x.to(self.device)).double() for x, _, _ in batches]
-            )
+        self._features_before = self.collect_features(batches)[0].double()
 
     def _compensate_drift(self, after: torch.Tensor) -> None:
         """Maps every existing head's statistics through the drift estimated on this data."""
-        from cl_hres.nn.drift_compensation import DriftEstimator, compensate_head
+        from cl_hres.nn.drift_compensation import compensate_heads
 
         before, self._features_before = self._features_before, None
-        if before is None or before.shape != after.shape:
-            return
-        estimator = DriftEstimator(self.num_features, device=self.device)
-        estimator.update(before, after)
-        estimator.combine_ranks()
-        m, b = estimator.solve()
-        for head in self.stats_heads.values():
-            compensate_head(head, m, b)
+        if before is not None and before.shape == after.shape:
+            compensate_heads(self.stats_heads.values(), before, after)
 
     @torch.no_grad()
     def end_experience(
@@ -234,18 +225,25 @@ class ContinualViT(nn.Module):
         """
         if not self.has_statistics_pass:
             return
+        f, y, task = self.collect_features(batches)
+        if self._features_before is not None:
+            self._compensate_drift(f.double())
+        self._add_to_heads(
+            [(self.stats_head(t), f[task == t], y[task == t]) for t in self.current_tasks]
+        )
+
+    @torch.no_grad()
+    def collect_features(
+        self, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Evaluation-mode :meth:`features` (float32), labels and task labels of ``batches``."""
         feats, labels, tasks = [], [], []
         with evaluating(self):
             for x, y, task in batches:
                 feats.append(self.features(x.to(self.device)).float())
                 labels.append(y.to(self.device))
                 tasks.append(task.to(self.device))
-        f, y, task = torch.cat(feats), torch.cat(labels), torch.cat(tasks)
-        if self._features_before is not None:
-            self._compensate_drift(f.double())
-        self._add_to_heads(
-            [(self.stats_head(t), f[task == t], y[task == t]) for t in self.current_tasks]
-        )
+        return torch.cat(feats), torch.cat(labels), torch.cat(tasks)
 
     def _add_to_heads(self, parts: list[tuple[StatisticsHead, torch.Tensor, torch.Tensor]]) -> None:
         """Adds ``(head, features, labels)`` of every process to each head, then fits it.

@@ -30,7 +30,6 @@ from collections.abc import Iterable
 
 import torch
 
-from cl_hres.nn.base import evaluating
 from cl_hres.nn.model import ContinualViT
 from cl_hres.nn.views import ExpertViewSwitch
 
@@ -76,12 +75,7 @@ class RoutedExpertsViT(ExpertViewSwitch, ContinualViT):
         self, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     ) -> None:
         """Adds the experience's images to the router and fits the experience's own head."""
-        feats, labels = [], []
-        with evaluating(self):
-            for x, y, _task in batches:
-                feats.append(self.features(x.to(self.device)).float())
-                labels.append(y.to(self.device))
-        f, y = torch.cat(feats), torch.cat(labels)
+        f, y, _ = self.collect_features(batches)
         newest = self.num_views - 1
         self._add_to_heads(
             [

@@ -22,9 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from cl_hres import distributed
 from cl_hres.errors import ConfigError
-from cl_hres.nn.base import evaluating
 from cl_hres.nn.heads import NCMHead
 from cl_hres.nn.model import ContinualViT
 
@@ -100,23 +98,17 @@ class ExpertViewsViT(ExpertViewSwitch, ContinualViT):
     ) -> None:
         """Adds the experience's prototypes in every view, then completes the new view."""
         width = self.backbone.num_features
-        feats, labels = [], []
-        with evaluating(self):
-            for x, y, _task in batches:
-                feats.append(self.features(x.to(self.device)).float())
-                labels.append(y.to(self.device))
-        f, y = torch.cat(feats), torch.cat(labels)
+        f, y, _ = self.collect_features(batches)
         newest = self.num_views - 1
         old = [
             c for c in range(self.stats_head(0).num_classes) if self.stats_head(0).class_counts[c]
         ]
-        for v in range(self.num_views):
-            head = self.stats_head(v)
-            head._grow(self.train_head.out_features)
-            before = {k: t.clone() for k, t in head.statistics().items()}
-            head.update(f[:, v * width : (v + 1) * width], y)
-            for k, t in head.statistics().items():
-                distributed.all_reduce_increment_(t, before[k])
+        self._add_to_heads(
+            [
+                (self.stats_head(v), f[:, v * width : (v + 1) * width], y)
+                for v in range(self.num_views)
+            ]
+        )
         if newest > 0 and old and COMPLEMENT:
             self._complement(newest, old)
 
