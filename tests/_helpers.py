@@ -30,6 +30,20 @@ def make_vit(seed: int = 0, **overrides):
     return create_backbone("vit_tiny_patch16_224", **kwargs)
 
 
+def key_loss_steps(model, x, steps: int = 3) -> list[float]:
+    """The key-matching loss of ``steps`` SGD steps on the model's prompt keys alone."""
+    opt = torch.optim.SGD([model.pool.keys], lr=0.5)
+    losses = []
+    for _ in range(steps):
+        model.backbone_features(x)
+        loss = model.auxiliary_loss()
+        losses.append(float(loss))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return losses
+
+
 def interrupt_on_second_call(monkeypatch, cls, name: str):
     """Patches ``cls.name`` to raise KeyboardInterrupt on its second call; returns the original."""
     original = getattr(cls, name)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import make_vit
+from _helpers import key_loss_steps, make_vit
 
 from cl_hres.errors import ConfigError
 from cl_hres.nn.config import DualPromptConfig
-from cl_hres.nn.dual_prompt import DualPromptViT, PrefixAttention
+from cl_hres.nn.dual_prompt import DualPromptViT
+from cl_hres.nn.prompt_query import PrefixAttention
 
 
 def _model(width: int = 48, **config) -> DualPromptViT:
@@ -67,15 +68,7 @@ def test_key_loss_pulls_the_current_key_and_the_pool_bounds_the_stream():
     model.begin_experience([([0, 1], [0])])
     model.train()
     x = torch.rand(6, 1, 8, 8)
-    opt = torch.optim.SGD([model.pool.keys], lr=0.5)
-    losses = []
-    for _ in range(3):
-        model.backbone_features(x)
-        loss = model.auxiliary_loss()
-        losses.append(float(loss))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    losses = key_loss_steps(model, x)
     assert losses[2] < losses[0]
     model.begin_experience([([2, 3], [0])])
     with pytest.raises(ConfigError, match="2 E-prompts"):

@@ -5,7 +5,7 @@ Each prompted block ``b`` holds ``M`` components ``P_{b,m} ∈ R^{L×D}`` with a
 frozen pretrained backbone's pre-logits feature) the block's prompt is
 ``Σ_m α_m P_{b,m}`` with ``α_m = cos(q ⊙ A_{b,m}, K_{b,m})``; its first ``L/2`` tokens are
 prefix keys, the rest prefix values of the block's attention
-(:class:`~cl_hres.nn.dual_prompt.PrefixAttention`). The components are split evenly over
+(:class:`~cl_hres.nn.prompt_query.PrefixAttention`). The components are split evenly over
 ``tasks`` experiences: experience ``t`` uses components ``[0, (t+1)·M/T)`` and trains only
 its own ``M/T`` (earlier ones enter detached), which start orthogonal to every earlier
 component (Gram-Schmidt, where the dimension allows). Training adds
@@ -22,9 +22,8 @@ from cl_hres.errors import ConfigError
 from cl_hres.nn.adapters import check_vit
 from cl_hres.nn.base import Adapter, placement
 from cl_hres.nn.config import CodaPromptConfig
-from cl_hres.nn.dual_prompt import PrefixAttention
 from cl_hres.nn.experts import ExpertBank
-from cl_hres.nn.model import ContinualViT
+from cl_hres.nn.prompt_query import QueriedPromptViT, add_prefix_attention, prefixes_set
 
 __all__ = ["CodaPromptPool", "CodaPromptViT", "attach_coda_prompt", "orthogonal_rows"]
 
@@ -113,15 +112,12 @@ def attach_coda_prompt(vit: nn.Module, config: CodaPromptConfig) -> list[ExpertB
         raise ConfigError(f"coda-prompt: no prompted block within the ViT's {len(vit.blocks)}")
     device, dtype = placement(vit)
     vit.coda_prompt = CodaPromptPool(config, blocks, vit.embed_dim, device, dtype)
-    for b in blocks:
-        vit.blocks[b].attn = PrefixAttention(vit.blocks[b].attn)
+    add_prefix_attention(vit, blocks)
     return []
 
 
-class CodaPromptViT(ContinualViT):
+class CodaPromptViT(QueriedPromptViT):
     """A :class:`ContinualViT` with CODA-Prompt's components (see the module doc)."""
-
-    _extra_loss: torch.Tensor | None = None
 
     @property
     def pool(self) -> CodaPromptPool:
@@ -143,27 +139,17 @@ class CodaPromptViT(ContinualViT):
             )
         self.pool.start_task(self.task)
 
-    def backbone_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pre-logits features with each block's prompt assembled for ``x``'s query."""
+    def prompted(self, x: torch.Tensor, query: torch.Tensor):
+        """Each block's prompt assembled for ``query``, as its prefix.
+
+        In training, also the orthogonality penalty (when its weight is not 0).
+        """
         pool = self.pool
-        if not pool.enabled:
-            return super().backbone_features(x)
-        with self.experts_disabled(), torch.no_grad():
-            query = super().backbone_features(x)
         prompts = pool.prompts(query, self.task)
         half = pool.config.length // 2
-        attns = [self.backbone.blocks[b].attn for b in pool.blocks]
-        for attn, p in zip(attns, prompts):
-            attn.prefix = (p[:, :half], p[:, half:])
         if self.training and pool.config.ortho_weight:
             self._extra_loss = pool.config.ortho_weight * pool.ortho_loss(self.task)
-        try:
-            return super().backbone_features(x)
-        finally:
-            for attn in attns:
-                attn.prefix = None
-
-    def auxiliary_loss(self) -> torch.Tensor | None:
-        """The orthogonality penalty of the last training forward (None when off)."""
-        loss, self._extra_loss = self._extra_loss, None
-        return loss
+        return prefixes_set(
+            (self.backbone.blocks[b].attn, (p[:, :half], p[:, half:]))
+            for b, p in zip(pool.blocks, prompts)
+        )

@@ -23,50 +23,9 @@ from cl_hres.nn.adapters import check_vit
 from cl_hres.nn.base import Adapter, placement
 from cl_hres.nn.config import DualPromptConfig
 from cl_hres.nn.experts import ExpertBank
-from cl_hres.nn.model import ContinualViT
+from cl_hres.nn.prompt_query import QueriedPromptViT, add_prefix_attention, prefixes_set
 
-__all__ = ["DualPromptPool", "DualPromptViT", "PrefixAttention", "attach_dual_prompt"]
-
-
-class PrefixAttention(Adapter, nn.Module):
-    """A timm ``Attention`` whose keys and values get :attr:`prefix` tokens in front.
-
-    Attributes:
-        prefix: ``(keys, values)``, each ``(B, L, D)``, set by the model for one forward
-            (None: the wrapped attention as it is).
-    """
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.prefix: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.enabled = True
-
-    def adapter_parameters(self) -> list[nn.Parameter]:
-        """None: the pool holds the prompts."""
-        return []
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """Attention over ``[prefix keys; token keys]`` and ``[prefix values; token values]``."""
-        if not self.enabled or self.prefix is None:
-            return self.base_layer(x, *args, **kwargs)
-        a = self.base_layer
-        b, n, _ = x.shape
-        qkv = a.qkv(x).reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = a.q_norm(q), a.k_norm(k)
-        pk, pv = (
-            p.to(x.dtype).reshape(b, -1, a.num_heads, a.head_dim).transpose(1, 2)
-            for p in self.prefix
-        )
-        # Prefix keys enter as given (prefix-tuning learns the keys themselves).
-        k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-        drop = a.attn_drop.p if self.training else 0.0
-        out = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=drop)
-        out = a.norm(out.transpose(1, 2).reshape(b, n, a.num_heads * a.head_dim))
-        if getattr(a, "gate", None) is not None:
-            out = out * a.gate(x).sigmoid()
-        return a.proj_drop(a.proj(out))
+__all__ = ["DualPromptPool", "DualPromptViT", "attach_dual_prompt"]
 
 
 class DualPromptPool(Adapter, nn.Module):
@@ -118,15 +77,12 @@ def attach_dual_prompt(vit: nn.Module, config: DualPromptConfig) -> list[ExpertB
         raise ConfigError(f"dualprompt: no prompted block within the ViT's {depth} blocks")
     device, dtype = placement(vit)
     vit.dual_prompt = DualPromptPool(config, g_blocks, e_blocks, vit.embed_dim, device, dtype)
-    for b in (*g_blocks, *e_blocks):
-        vit.blocks[b].attn = PrefixAttention(vit.blocks[b].attn)
+    add_prefix_attention(vit, (*g_blocks, *e_blocks))
     return []
 
 
-class DualPromptViT(ContinualViT):
+class DualPromptViT(QueriedPromptViT):
     """A :class:`ContinualViT` with DualPrompt's prompts (see the module doc)."""
-
-    _key_loss: torch.Tensor | None = None
 
     @property
     def pool(self) -> DualPromptPool:
@@ -142,35 +98,23 @@ class DualPromptViT(ContinualViT):
                 "experiences: raise --dualprompt-pool-size"
             )
 
-    def backbone_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pre-logits features with the G-prompt and the E-prompt of the image's task."""
+    def prompted(self, x: torch.Tensor, query: torch.Tensor):
+        """The G-prompt and the E-prompt of the image's task, as prefixes.
+
+        In training the task is the current experience, and its key-matching loss is kept.
+        """
         pool = self.pool
-        if not pool.enabled:
-            return super().backbone_features(x)
-        with self.experts_disabled(), torch.no_grad():
-            query = super().backbone_features(x)
         tasks = max(self.experiences_seen, 1)
         if self.training:
             chosen = torch.full((x.shape[0],), tasks - 1, dtype=torch.long, device=x.device)
             sim = nn.functional.cosine_similarity(query.to(pool.keys.dtype), pool.keys[tasks - 1])
-            self._key_loss = (1 - sim).mean()
+            self._extra_loss = pool.config.key_loss_weight * (1 - sim).mean()
         else:
             chosen, _ = pool.choose(query, tasks)
-        layers = dict(zip(pool.g_blocks, pool.g.unbind(0)))
+        layers = {b: p.expand(x.shape[0], -1, -1, -1) for b, p in zip(pool.g_blocks, pool.g)}
         e = pool.e[chosen]  # (B, blocks, 2, L_e, D)
         for j, b in enumerate(pool.e_blocks):
             layers[b] = e[:, j]
-        attns = {b: self.backbone.blocks[b].attn for b in layers}
-        for b, p in layers.items():
-            p = p.expand(x.shape[0], -1, -1, -1) if p.dim() == 3 else p
-            attns[b].prefix = (p[:, 0], p[:, 1])
-        try:
-            return super().backbone_features(x)
-        finally:
-            for attn in attns.values():
-                attn.prefix = None
-
-    def auxiliary_loss(self) -> torch.Tensor | None:
-        """``λ ·`` the key-matching loss of the last training forward."""
-        loss, self._key_loss = self._key_loss, None
-        return None if loss is None else self.pool.config.key_loss_weight * loss
+        return prefixes_set(
+            (self.backbone.blocks[b].attn, (p[:, 0], p[:, 1])) for b, p in layers.items()
+        )

@@ -16,6 +16,9 @@ per image (no batch-wise frequency penalty, which the paper uses only on some be
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -23,7 +26,7 @@ from cl_hres.nn.adapters import check_vit
 from cl_hres.nn.base import Adapter, placement
 from cl_hres.nn.config import L2PConfig
 from cl_hres.nn.experts import ExpertBank
-from cl_hres.nn.model import ContinualViT
+from cl_hres.nn.prompt_query import QueriedPromptViT
 
 __all__ = ["PoolStrip", "PromptPool", "PromptPoolViT", "attach_prompt_pool"]
 
@@ -136,7 +139,7 @@ def attach_prompt_pool(vit: nn.Module, config: L2PConfig) -> list[ExpertBank]:
     return []
 
 
-class PromptPoolViT(ContinualViT):
+class PromptPoolViT(QueriedPromptViT):
     """A :class:`ContinualViT` whose prompts are chosen by the pretrained features' query."""
 
     @property
@@ -144,20 +147,14 @@ class PromptPoolViT(ContinualViT):
         """The backbone's prompt pool."""
         return next(m for m in self.backbone.modules() if isinstance(m, PromptPool))
 
-    def backbone_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pre-logits features with the prompts the query of ``x`` selects."""
+    @contextmanager
+    def prompted(self, x: torch.Tensor, query: torch.Tensor) -> Iterator[None]:
+        """The pool reads ``query`` in this forward; its key-matching loss is kept after."""
         pool = self.pool
-        if not pool.enabled:
-            return super().backbone_features(x)
-        with self.experts_disabled(), torch.no_grad():
-            query = super().backbone_features(x)
         pool.query = query
         try:
-            return super().backbone_features(x)
+            yield
         finally:
             pool.query = None
-
-    def auxiliary_loss(self) -> torch.Tensor | None:
-        """``λ ·`` the key-matching loss of the last training forward."""
-        loss = self.pool.key_loss
-        return None if loss is None else self.pool.config.key_loss_weight * loss
+        if pool.key_loss is not None:
+            self._extra_loss = pool.config.key_loss_weight * pool.key_loss
