@@ -113,8 +113,12 @@ def test_sigterm_and_ctrl_c_leave_resumable_states(tmp_path, monkeypatch, capsys
     original = ContinualViTPlugin.after_train_dataset_adaptation
     handler = signal.getsignal(signal.SIGTERM)
 
+    sent = []
+
     def sigterm(self, strategy, **kw):
-        os.kill(os.getpid(), signal.SIGTERM)  # handled: the experience runs to its end
+        if not sent:  # once: a second SIGTERM would end the process (the default action)
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)  # handled: the experience runs to its end
         return original(self, strategy, **kw)
 
     monkeypatch.setattr(ContinualViTPlugin, "after_train_dataset_adaptation", sigterm)
